@@ -1,0 +1,1 @@
+"""Readers, id maps, splits, CSR of seen items, synthetic generator."""

@@ -1,0 +1,1 @@
+"""More than one process: process groups, DDP trainer pieces, item sharding, Ray actors, cross-shard merge."""

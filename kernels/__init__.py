@@ -1,0 +1,1 @@
+"""Tensor math only (no processes, no files): model, optimizer steps, fill, metrics."""

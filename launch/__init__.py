@@ -1,0 +1,1 @@
+"""Entry points: the `svdfill` CLI, torchrun entry, `ray job submit` entry, config loading."""
