@@ -59,7 +59,7 @@ class DataConfig:
     path: str = ""
     """Ratings file (u.data, ratings.dat, ratings.csv, .csv, .parquet); empty = synthetic."""
     format: str = "auto"
-    """auto | ml-100k | ml-dat | csv | parquet; auto looks at the name and first line."""
+    """auto | ml-100k | ml-dat | csv | plain | parquet (plain: headerless user item rating[ ts]); auto: name + first line."""
     sep: str = ""
     """Field separator for csv-like text; empty = the format's own."""
     user_col: str = "user"
@@ -112,6 +112,10 @@ class TrainConfig:
     """L2 weight on p_u and q_i (per rating, as in Funk/Surprise SVD)."""
     reg_bias: float = 0.01
     """L2 weight on b_u and b_i."""
+    als_reg_exponent: float = 1.0
+    """ALS only: a row with n ratings gets the factor penalty reg_factors·n^α (1 = per rating, as SGD)."""
+    als_bias_reg_exponent: float = 1.0
+    """ALS only: bias penalty reg_bias·n^β (0 = a fixed shrinkage, as Koren's baseline estimates)."""
     weight_decay: float = 0.0
     """Optimizer weight decay on every parameter (the original recipe used 1e-5 with Adam)."""
     batch_size: int = 1024
@@ -232,7 +236,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "configs"
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     """A path as given, or the name of a built-in preset (``demo`` → ``configs/demo.toml``)."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     builtin = BUILTIN_DIR / (p.name if p.suffix == ".toml" else p.name + ".toml")
     if builtin.exists():
@@ -294,7 +298,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "comman
 
 
 _CHOICES = {
-    ("data", "format"): {"auto", "ml-100k", "ml-dat", "csv", "parquet"},
+    ("data", "format"): {"auto", "ml-100k", "ml-dat", "csv", "plain", "parquet"},
     ("data", "dedupe"): {"error", "last", "mean"},
     ("data", "split"): {"random", "per_user"},
     ("train", "solver"): {"sgd", "als"},
@@ -322,6 +326,8 @@ def validate(cfg: Config, where: str) -> None:
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 1),
         ("train.reg_factors", cfg.train.reg_factors >= 0),
         ("train.reg_bias", cfg.train.reg_bias >= 0),
+        ("train.als_reg_exponent", 0.0 <= cfg.train.als_reg_exponent <= 2.0),
+        ("train.als_bias_reg_exponent", 0.0 <= cfg.train.als_bias_reg_exponent <= 2.0),
         ("fill.k", cfg.fill.k >= 1),
         ("dist.num_workers", cfg.dist.num_workers >= 1),
         ("data.synthetic.n_users", cfg.data.synthetic.n_users >= 1),

@@ -1,0 +1,640 @@
+"""Rating files → :class:`RawRatings` (raw ids as in the file, float32 ratings).
+
+Formats (``format=``; ``"auto"`` picks one from the file name and first line):
+
+==========  =====================================================================  =========
+format      layout                                                                  scale
+==========  =====================================================================  =========
+ml-100k     ``user<TAB>item<TAB>rating<TAB>timestamp``, no header (u.data, u1.base)  1–5
+ml-dat      ``user::item::rating[::timestamp]``, no header (ML-1M/10M ratings.dat)   1–5
+csv         a header row naming the columns (``user_col``/``item_col``/              MovieLens
+            ``rating_col``; MovieLens ``userId,movieId,rating,timestamp`` is          0.5–5,
+            recognised); ``sep`` defaults to ``,``                                    else none
+plain       ``user item rating [timestamp]``, no header, separator taken from the    none
+            first line (tab, comma, semicolon, pipe or one space; FilmTrust)
+parquet     columns ``user_col``/``item_col``/``rating_col``                          none
+==========  =====================================================================  =========
+
+The fast path is one multi-threaded ``pyarrow.csv`` read (``::`` and other multi-character
+separators are translated to one byte in memory). Only when it fails does a line-by-line
+scan run, to name the exact bad line. Every problem raises
+:class:`~svdfill.data.errors.DataError` naming file, 1-based line (or Parquet row), the
+problem and the offending text.
+
+Raw ids keep their type: a text column whose every value is a canonical integer becomes
+int64, anything else stays ``str`` (so ``"007"`` is not silently merged with ``"7"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from svdfill.data.errors import DataError, show, where
+
+FORMATS = ("auto", "ml-100k", "ml-dat", "csv", "plain", "parquet")
+DEDUPE = ("error", "last", "mean")
+MOVIELENS_SCALE = (1.0, 5.0)
+MOVIELENS_CSV_SCALE = (0.5, 5.0)
+
+# Candidate separators, in the order auto-detection prefers them.
+_SEPARATORS = ("::", "\t", ",", ";", "|", " ")
+_SEP_NAMES = {"\t": "tab", " ": "space", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'"}
+_COLUMN_ALIASES = {
+    "user": ("user", "userid", "user_id", "users"),
+    "item": ("item", "itemid", "item_id", "movieid", "movie_id", "movie", "items"),
+    "rating": ("rating", "ratings", "score", "stars"),
+}
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_ML100K_NAME = re.compile(r"^u(\d|[ab])?\.(data|base|test)$")
+_TRANSLATED_SEP = "\x1f"  # ASCII unit separator: stands in for multi-character separators
+
+
+def _sep_name(sep: str) -> str:
+    return _SEP_NAMES.get(sep, repr(sep))
+
+
+@dataclass
+class RawRatings:
+    """Ratings as read: raw ids and values, one entry per (user, item) pair.
+
+    users, items: int64 [n] or object [n] of ``str`` (raw ids, file dtype)
+    ratings: float32 [n]
+    source: where they came from (a path, or ``"synthetic:..."``)
+    truth: the planted model for synthetic data (see :mod:`svdfill.data.synth`), else None
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    source: str = ""
+    truth: Any = None
+    _codes: Any = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.ratings.shape[0])
+
+    def codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(user_uniques, user_codes int64 [n], item_uniques, item_codes int64 [n]), uniques
+        sorted; computed once and cached (the reader and :class:`IdMap` share it)."""
+        if self._codes is None:
+            from svdfill.data.idmap import factorize
+
+            uu, uc = factorize(self.users)
+            iu, ic = factorize(self.items)
+            self._codes = (uu, uc, iu, ic)
+        return self._codes
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------
+def read_ratings(
+    path: str | os.PathLike,
+    *,
+    format: str = "auto",
+    sep: str = "",
+    user_col: str = "user",
+    item_col: str = "item",
+    rating_col: str = "rating",
+    scale: tuple[float, float] | None | str = "auto",
+    dedupe: str = "error",
+) -> RawRatings:
+    """Read a ratings file.
+
+    format: one of :data:`FORMATS`. sep: field separator of text formats ("" = the
+    format's own). user_col/item_col/rating_col: column names for csv-with-header and
+    Parquet. scale: ``(lo, hi)`` (either side may be NaN = unchecked), ``None`` (no check)
+    or ``"auto"`` (the format's own: MovieLens 1–5, MovieLens ratings.csv 0.5–5, else none).
+    dedupe: duplicate (user, item) pairs → ``"error"`` (names both lines), ``"last"`` (keep
+    the last) or ``"mean"`` (average them, kept at the first occurrence's position).
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    if dedupe not in DEDUPE:
+        raise DataError(f"{path}: unknown dedupe policy {dedupe!r}; expected one of {', '.join(DEDUPE)}")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a ratings file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (no ratings)")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if format == "auto":
+        format, sniffed = _detect_format(path, head)
+        sep = sep or sniffed
+    if format == "parquet":
+        cols = _read_parquet(path, user_col, item_col, rating_col)
+        fmt_scale = None
+    else:
+        layout = _text_layout(path, head, format, sep, user_col, item_col, rating_col)
+        cols = _read_text(path, layout)
+        fmt_scale = layout.scale
+    users, items, ratings, locate = cols
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise DataError(f"{path}: scale must be (lo, hi), None or 'auto', got {scale!r}")
+        scale = fmt_scale
+    if len(ratings) == 0:
+        raise DataError(f"{path}: no ratings (the file holds no data rows)")
+    _check_values(path, ratings, scale, locate)
+    raw = RawRatings(users, items, ratings.astype(np.float32), source=str(path))
+    return _dedupe(path, raw, dedupe, locate)
+
+
+# ----------------------------------------------------------------------------------------
+# Format detection
+# ----------------------------------------------------------------------------------------
+def _first_line(head: bytes) -> tuple[int, str]:
+    """(1-based line number, text) of the first non-blank line of the file's head."""
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            return n, line
+    return 0, ""
+
+
+def _detect_format(path: Path, head: bytes) -> tuple[str, str]:
+    """(format, separator) from the file name and first line ("" = the format's own)."""
+    name = path.name.lower()
+    if name.endswith(_PARQUET_SUFFIXES) or head.startswith(b"PAR1"):
+        return "parquet", ""
+    if _ML100K_NAME.match(name):
+        return "ml-100k", ""
+    _, line = _first_line(head)
+    if "::" in line:
+        return "ml-dat", ""
+    sep = _sniff_sep(line)
+    fields = line.split(sep) if sep else [line]
+    if len(fields) >= 3 and _is_number(fields[2]):
+        return "plain", sep
+    return "csv", sep
+
+
+def _sniff_sep(line: str) -> str:
+    """The separator that splits ``line`` into the most (≥ 3 preferred) fields."""
+    best, best_n = "", 1
+    for sep in _SEPARATORS:
+        n = len(line.split(sep))
+        if n >= 3:
+            return sep
+        if n > best_n:
+            best, best_n = sep, n
+    return best
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# Text files
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _Layout:
+    format: str
+    sep: str
+    header: bool  # first non-blank line names the columns
+    names: list[str]  # all column names, in file order
+    usecols: tuple[str, str, str]  # user, item, rating column names
+    nfields: int
+    scale: tuple[float, float] | None
+    header_line: int = 0  # 1-based line of the header (0 = none)
+
+
+def _text_layout(path: Path, head: bytes, format: str, sep: str, user_col: str, item_col: str,
+                 rating_col: str) -> _Layout:
+    lineno, line = _first_line(head)
+    if not line:
+        raise DataError(f"{path}: empty file (only blank lines)")
+    if format == "ml-100k":
+        sep = sep or "\t"
+    elif format == "ml-dat":
+        sep = sep or "::"
+    elif format == "csv":
+        sep = sep or ","
+    elif format == "plain":
+        sep = sep or _sniff_sep(line)
+    if not sep:
+        raise DataError(f"{where(path, lineno)}: cannot tell the field separator of {show(line)}; "
+                        "set data.sep (--sep)")
+    fields = _split(line, sep, quoted=format == "csv")
+    if len(fields) == 1:
+        _raise_separator(path, lineno, line, sep, format)
+    if format == "csv":
+        return _csv_layout(path, lineno, line, fields, sep, user_col, item_col, rating_col)
+    if len(fields) not in (3, 4):
+        raise DataError(f"{where(path, lineno)}: expected 3 or 4 fields (user, item, rating"
+                        f"[, timestamp]) separated by {_sep_name(sep)}, got {len(fields)}: {show(line)}"
+                        + _wrong_sep_hint(line, sep))
+    if not _is_number(fields[2]):
+        hint = ("; it looks like a header row: use format 'csv'" if format != "csv" else "")
+        raise DataError(f"{where(path, lineno)}: rating {fields[2]!r} is not a number: {show(line)}{hint}")
+    names = ["user", "item", "rating", "timestamp"][: len(fields)]
+    scale = MOVIELENS_SCALE if format in ("ml-100k", "ml-dat") else None
+    return _Layout(format, sep, False, names, ("user", "item", "rating"), len(fields), scale)
+
+
+def _csv_layout(path: Path, lineno: int, line: str, fields: list[str], sep: str, user_col: str,
+                item_col: str, rating_col: str) -> _Layout:
+    names = [f.strip() for f in fields]
+    if len(set(names)) != len(names):
+        raise DataError(f"{where(path, lineno)}: header names a column twice: {show(line)}")
+    lower = {n.lower(): n for n in names}
+    chosen = []
+    for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
+        if want in names:
+            chosen.append(want)
+            continue
+        alias = None
+        if want == role:  # the default name: accept the usual spellings (userId, movieId, ...)
+            alias = next((lower[a] for a in _COLUMN_ALIASES[role] if a in lower), None)
+        if alias is None:
+            data_like = all(_is_number(f) for f in names)
+            hint = (" (the first line looks like data: csv needs a header row naming the columns;"
+                    " use format 'plain' for files without one)") if data_like else ""
+            raise DataError(
+                f"{where(path, lineno)}: missing {role} column {want!r}; the header has "
+                f"{', '.join(repr(n) for n in names)}{hint}; set data.{role}_col")
+        chosen.append(alias)
+    movielens = {"userid", "movieid"} <= set(lower)
+    scale = MOVIELENS_CSV_SCALE if movielens else None
+    return _Layout("csv", sep, True, names, tuple(chosen), len(names), scale, header_line=lineno)
+
+
+def _split(line: str, sep: str, quoted: bool) -> list[str]:
+    line = line.rstrip("\r\n")
+    if quoted and len(sep) == 1:
+        return next(csv.reader([line], delimiter=sep, quotechar='"'))
+    return line.split(sep)
+
+
+def _wrong_sep_hint(line: str, sep: str) -> str:
+    others = [s for s in _SEPARATORS if s != sep and s in line and not (s == " " and sep == "::")]
+    if others:
+        return (f"; the separator looks wrong: the line contains {_sep_name(others[0])} — "
+                f"set data.sep (--sep) or data.format")
+    return ""
+
+
+def _raise_separator(path: Path, lineno: int, line: str, sep: str, format: str) -> None:
+    others = [s for s in _SEPARATORS if s != sep and s in line]
+    if others:
+        raise DataError(
+            f"{where(path, lineno)}: the separator looks wrong: format {format!r} expects fields "
+            f"separated by {_sep_name(sep)}, but line {lineno} has none and contains "
+            f"{_sep_name(others[0])}: {show(line)}; set data.sep (--sep) or data.format")
+    raise DataError(f"{where(path, lineno)}: expected fields separated by {_sep_name(sep)}, "
+                    f"found one field: {show(line)}")
+
+
+def _read_text(path: Path, layout: _Layout):
+    sep = layout.sep
+    if len(sep) > 1:
+        data = path.read_bytes()
+        if _TRANSLATED_SEP.encode() in data:
+            raise DataError(f"{path}: holds the control character \\x1f; cannot translate "
+                            f"separator {sep!r}")
+        source: Any = pa.BufferReader(data.replace(sep.encode(), _TRANSLATED_SEP.encode()))
+        delim = _TRANSLATED_SEP
+    else:
+        source, delim = str(path), sep
+    ucol, icol, rcol = layout.usecols
+    read_opts = pacsv.ReadOptions(
+        column_names=None if layout.header else layout.names,
+        skip_rows=layout.header_line - 1 if layout.header else 0,
+        block_size=1 << 24,
+    )
+    parse_opts = pacsv.ParseOptions(
+        delimiter=delim,
+        quote_char='"' if layout.format == "csv" else False,
+        ignore_empty_lines=True,
+    )
+    convert_opts = pacsv.ConvertOptions(
+        column_types={ucol: pa.string(), icol: pa.string(), rcol: pa.float64()},
+        include_columns=[ucol, icol, rcol],
+        null_values=[],
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    try:
+        table = pacsv.read_csv(source, read_options=read_opts, parse_options=parse_opts,
+                               convert_options=convert_opts)
+    except (pa.ArrowInvalid, pa.ArrowKeyError, UnicodeDecodeError) as e:
+        _scan_text(path, layout)  # raises with the exact line when it finds one
+        raise DataError(f"{path}: cannot parse as {layout.format} ({_sep_name(sep)}-separated): {e}") from None
+
+    def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
+        found = _line_of_rows(path, layout, rows)
+        return [(where(path, n), f"line {n}", show(t)) for n, t in found]
+
+    users = _text_ids(table.column(ucol), "user", locate, path)
+    items = _text_ids(table.column(icol), "item", locate, path)
+    ratings = table.column(rcol).to_numpy()
+    return users, items, ratings, locate
+
+
+def _text_ids(col: pa.ChunkedArray, role: str, locate, path: Path) -> np.ndarray:
+    """int64 when every id is a canonical integer, else an object array of str."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    try:
+        as_int = pc.cast(col, pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        as_int = None
+    if as_int is not None:
+        # canonical iff the text is exactly as long as the integer's decimal form (no
+        # leading zeros, '+' or spaces): "007" stays a string instead of merging with "7"
+        length = np.asarray(pc.binary_length(col).to_numpy(), dtype=np.int64)
+        if np.array_equal(length, _decimal_length(as_int)):
+            return as_int
+    stripped = pc.utf8_trim_whitespace(col)
+    empty = pc.equal(pc.utf8_length(stripped), 0)
+    if pc.any(empty).as_py():
+        row = int(np.flatnonzero(empty.to_numpy(zero_copy_only=False))[0])
+        (loc, _, text), = locate([row])
+        raise DataError(f"{loc}: empty {role} id: {text}")
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _decimal_length(x: np.ndarray) -> np.ndarray:
+    """Characters of ``str(v)`` for each int64 ``v`` (sign included), vectorized."""
+    a = np.abs(x.astype(np.float64))
+    n = np.ones(x.shape, dtype=np.int64)
+    p = 10.0
+    while True:
+        more = a >= p
+        if not more.any():
+            break
+        n += more
+        p *= 10.0
+    # float64 rounding near 10^k for |x| > 2^53: fix with exact integer comparison
+    big = np.abs(x) > (1 << 53)
+    if big.any():
+        n[big] = [len(str(abs(int(v)))) for v in x[big]]
+    return n + (x < 0)
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its end) for every line of the file."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield n, raw.rstrip(b"\r\n")
+
+
+def _data_lines(path: Path, layout: _Layout) -> Iterator[tuple[int, int, bytes]]:
+    """(row index, line number, text) of each data row, skipping blank lines and the
+    header, numbered exactly as the fast reader numbers its rows."""
+    row = 0
+    for n, raw in _iter_lines(path):
+        if not raw:
+            continue
+        if layout.header and n <= layout.header_line:
+            continue
+        yield row, n, raw
+        row += 1
+
+
+def _line_of_rows(path: Path, layout: _Layout, rows: Sequence[int]) -> list[tuple[int, str]]:
+    wanted = sorted(set(int(r) for r in rows))
+    found: dict[int, tuple[int, str]] = {}
+    it = iter(wanted)
+    nxt = next(it, None)
+    if nxt is not None:
+        for row, n, raw in _data_lines(path, layout):
+            if row == nxt:
+                found[row] = (n, raw.decode("utf-8", errors="replace"))
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+    return [found.get(int(r), (0, "")) for r in rows]
+
+
+def _scan_text(path: Path, layout: _Layout) -> None:
+    """Slow path: check every line in Python and raise on the first bad one."""
+    sep = layout.sep
+    ucol, icol, rcol = layout.usecols
+    idx = [layout.names.index(c) for c in (ucol, icol, rcol)]
+    quoted = layout.format == "csv"
+    for _, n, raw in _data_lines(path, layout):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where(path, n)}: not valid UTF-8 ({e.reason} at byte {e.start}): "
+                            f"{show(raw)}") from None
+        fields = _split(line, sep, quoted)
+        if len(fields) != layout.nfields:
+            what = (f"{layout.nfields} fields" if layout.header else
+                    f"{layout.nfields} fields (user, item, rating" + (", timestamp)" if layout.nfields == 4 else ")"))
+            hint = _wrong_sep_hint(line, sep) if len(fields) == 1 else ""
+            raise DataError(f"{where(path, n)}: expected {what} separated by {_sep_name(sep)}, "
+                            f"got {len(fields)}: {show(line)}{hint}")
+        for role, j in zip(("user", "item"), idx[:2]):
+            if not fields[j].strip():
+                raise DataError(f"{where(path, n)}: empty {role} id: {show(line)}")
+        value = fields[idx[2]]
+        if not _is_number(value):
+            raise DataError(f"{where(path, n)}: rating {value!r} is not a number: {show(line)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Parquet
+# ----------------------------------------------------------------------------------------
+def _read_parquet(path: Path, user_col: str, item_col: str, rating_col: str):
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    names = list(schema.names)
+    for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
+        if want not in names:
+            raise DataError(f"{path}: missing {role} column {want!r}; the file has "
+                            f"{', '.join(repr(n) for n in names)}; set data.{role}_col")
+    table = pq.read_table(path, columns=[user_col, item_col, rating_col])
+
+    def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
+        out = []
+        for r in rows:
+            vals = {c: table.column(c)[int(r)].as_py() for c in (user_col, item_col, rating_col)}
+            out.append((where(path, int(r) + 1, row=True), f"row {int(r) + 1}",
+                        ", ".join(f"{k}={v!r}" for k, v in vals.items())))
+        return out
+
+    users = _parquet_ids(table.column(user_col), "user", user_col, locate, path)
+    items = _parquet_ids(table.column(item_col), "item", item_col, locate, path)
+    rcol = table.column(rating_col)
+    _no_nulls(rcol, "rating", rating_col, locate)
+    if not (pa.types.is_floating(rcol.type) or pa.types.is_integer(rcol.type)
+            or pa.types.is_decimal(rcol.type)):
+        try:
+            rcol = pc.cast(rcol, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            bad = _first_bad_number(rcol)
+            if bad is None:
+                raise DataError(f"{path}: rating column {rating_col!r} has type {rcol.type}, "
+                                "expected numbers") from None
+            (loc, _, text), = locate([bad])
+            raise DataError(f"{loc}: rating is not a number: {text}") from None
+    ratings = np.asarray(pc.cast(rcol, pa.float64()).to_numpy(), dtype=np.float64)
+    return users, items, ratings, locate
+
+
+def _first_bad_number(col: pa.ChunkedArray) -> int | None:
+    for i, v in enumerate(col.to_pylist()):
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return i
+    return None
+
+
+def _no_nulls(col: pa.ChunkedArray, role: str, name: str, locate) -> None:
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        (loc, _, text), = locate([row])
+        raise DataError(f"{loc}: missing (null) {role} in column {name!r}: {text}")
+
+
+def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: Path) -> np.ndarray:
+    _no_nulls(col, role + " id", name, locate)
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col = pc.cast(col, t.value_type)
+        t = col.type
+    if pa.types.is_integer(t):
+        return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+    if pa.types.is_floating(t):
+        a = col.to_numpy()
+        frac = np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))
+        if frac.size:
+            (loc, _, text), = locate([int(frac[0])])
+            raise DataError(f"{loc}: {role} id is not an integer in float column {name!r}: {text}")
+        return a.astype(np.int64)
+    raise DataError(f"{path}: {role} column {name!r} has type {t}; expected integers or strings")
+
+
+# ----------------------------------------------------------------------------------------
+# Checks shared by every format
+# ----------------------------------------------------------------------------------------
+def _check_values(path: Path, ratings: np.ndarray, scale, locate: Callable) -> None:
+    bad = ~np.isfinite(ratings)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        (loc, _, text), = locate([row])
+        raise DataError(f"{loc}: rating is {ratings[row]} (must be a finite number): {text}")
+    if scale is None:
+        return
+    lo, hi = (float(scale[0]), float(scale[1]))
+    out = np.zeros(ratings.shape, dtype=bool)
+    if not math.isnan(lo):
+        out |= ratings < lo
+    if not math.isnan(hi):
+        out |= ratings > hi
+    if out.any():
+        row = int(np.flatnonzero(out)[0])
+        (loc, _, text), = locate([row])
+        n = int(out.sum())
+        raise DataError(f"{loc}: rating {ratings[row]:g} is outside the scale [{lo:g}, {hi:g}]: {text}"
+                        f" ({n} such rating{'s' if n > 1 else ''}; set data.scale_min/scale_max)")
+
+
+_TABLE_CELLS = 1 << 26  # bool cells of the duplicate-check table (64 MiB)
+
+
+def count_distinct_pairs(uc: np.ndarray, ic: np.ndarray, n_users: int, n_items: int) -> int:
+    """Number of distinct (user, item) pairs among contiguous ids (int64 [n] each).
+
+    A bool table over the user×item grid, a block of users at a time (bounded memory):
+    O(n + cells), no sort, so checking 100M ratings for duplicates stays cheap.
+    """
+    n = uc.size
+    if n == 0:
+        return 0
+    n_items = max(int(n_items), 1)
+    rows = max(1, _TABLE_CELLS // n_items)
+    if n_users <= rows:
+        table = np.zeros(n_users * n_items, dtype=bool)
+        table[uc * n_items + ic] = True
+        return int(np.count_nonzero(table))
+    block = uc // rows
+    n_blocks = int(block.max()) + 1
+    order = np.argsort(block.astype(np.uint16) if n_blocks < 65536 else block, kind="stable")
+    bounds = np.searchsorted(block[order], np.arange(n_blocks + 1))
+    table = np.zeros(rows * n_items, dtype=bool)
+    total = 0
+    for b in range(n_blocks):
+        sel = order[bounds[b]:bounds[b + 1]]
+        if sel.size == 0:
+            continue
+        cells = (uc[sel] - b * rows) * n_items + ic[sel]
+        table[cells] = True
+        used = (min(rows, n_users - b * rows)) * n_items  # only this block's rows can be set
+        total += int(np.count_nonzero(table[:used]))
+        table[cells] = False
+    return total
+
+
+def _dedupe(path: Path, raw: RawRatings, policy: str, locate: Callable) -> RawRatings:
+    uu, uc, iu, ic = raw.codes()
+    if count_distinct_pairs(uc, ic, len(uu), len(iu)) == len(raw):
+        return raw
+    # slow path, only with duplicates: sort the pair keys
+    key = uc * max(len(iu), 1) + ic
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    dup = skey[1:] == skey[:-1]  # dup[j]: sorted row j+1 repeats the pair of sorted row j
+    n_dup = int(dup.sum())
+    if policy == "error":
+        later = order[1:][dup]  # rows that repeat an earlier row's pair
+        j = int(later.min())
+        first = int(order[np.searchsorted(skey, key[j])])
+        (loc_j, _, text_j), (_, label_i, text_i) = locate([j, first])
+        u, i = raw.users[j], raw.items[j]
+        raise DataError(
+            f"{loc_j}: duplicate (user, item) pair ({_plain(u)}, {_plain(i)}): {text_j} repeats "
+            f"{label_i} {text_i} ({n_dup} duplicate row{'s' if n_dup > 1 else ''} in all); "
+            "set data.dedupe (--dedupe) to 'last' or 'mean' to accept them")
+    start = np.ones(skey.size, dtype=bool)
+    start[1:] = ~dup
+    group = np.cumsum(start) - 1  # group id of each sorted row
+    n_groups = int(group[-1]) + 1
+    if policy == "last":
+        end = np.ones(skey.size, dtype=bool)
+        end[:-1] = start[1:]
+        keep = np.sort(order[end])
+        ratings = raw.ratings[keep]
+    else:  # mean, in float64, kept at the first occurrence's position
+        sums = np.bincount(group, weights=raw.ratings[order].astype(np.float64), minlength=n_groups)
+        counts = np.bincount(group, minlength=n_groups)
+        firsts = order[start]
+        pos = np.argsort(firsts, kind="stable")
+        keep = firsts[pos]
+        ratings = (sums / counts)[pos].astype(np.float32)
+    out = RawRatings(raw.users[keep], raw.items[keep], ratings, raw.source)
+    out._codes = (uu, uc[keep], iu, ic[keep])
+    return out
+
+
+def _plain(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(int(v))

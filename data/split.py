@@ -1,0 +1,85 @@
+"""Seeded train/validation hold-out splits, and the cold-pair count of a split.
+
+Both splits are pure functions of (ratings, fraction, seed): numpy's PCG64 stream, no
+global RNG, no dependence on the device or thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from svdfill.data.dataset import Ratings
+
+HOW = ("random", "per_user")
+
+
+def split_indices(ratings: Ratings, *, how: str = "random", fraction: float = 0.1,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): int64 CPU tensors, each sorted ascending, disjoint, together
+    ``0..n-1``.
+
+    random: ``round(fraction·n)`` ratings drawn uniformly without replacement.
+    per_user: each user holds out about ``fraction`` of their own ratings (stochastic
+    rounding of ``fraction·count``, so the total is ≈ ``fraction·n``), but never their last
+    one: every user with ≥ 1 rating keeps ≥ 1 in train (users with 1 rating hold out none).
+    """
+    if how not in HOW:
+        raise ValueError(f"unknown split {how!r}; expected one of {', '.join(HOW)}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    n = len(ratings)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B117]))
+    if how == "random":
+        n_val = int(round(fraction * n))
+        val = np.sort(rng.permutation(n)[:n_val]) if n_val else np.zeros(0, dtype=np.int64)
+        is_val = np.zeros(n, dtype=bool)
+        is_val[val] = True
+    else:
+        is_val = _per_user_mask(ratings.users.cpu().numpy().astype(np.int64), ratings.n_users,
+                                fraction, rng)
+    val_idx = torch.from_numpy(np.flatnonzero(is_val).astype(np.int64))
+    train_idx = torch.from_numpy(np.flatnonzero(~is_val).astype(np.int64))
+    return train_idx, val_idx
+
+
+def _per_user_mask(users: np.ndarray, n_users: int, fraction: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    n = users.shape[0]
+    counts = np.bincount(users, minlength=n_users)
+    want = np.floor(fraction * counts + rng.random(n_users)).astype(np.int64)
+    want = np.minimum(want, np.maximum(counts - 1, 0))
+    # rank of each rating within its user under a random order: sort by (user, random key)
+    order = np.lexsort((rng.random(n), users))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(n, dtype=np.int64) - np.repeat(starts, counts)
+    is_val = np.zeros(n, dtype=bool)
+    is_val[order] = rank < want[users[order]]
+    return is_val
+
+
+def split(ratings: Ratings, *, how: str = "random", fraction: float = 0.1,
+          seed: int = 0) -> tuple[Ratings, Ratings]:
+    """(train, val) :class:`Ratings` subsets (rows in file order, full id-space sizes);
+    see :func:`split_indices` for the rules and for the index form."""
+    train_idx, val_idx = split_indices(ratings, how=how, fraction=fraction, seed=seed)
+    dev = ratings.device
+    return ratings.subset(train_idx.to(dev)), ratings.subset(val_idx.to(dev))
+
+
+def cold_mask(train: Ratings, val: Ratings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cold_user bool [len(val)], cold_item bool [len(val)]): validation pairs whose user
+    (item) has no rating in ``train``. Such pairs can only be predicted from μ and the bias
+    that is known."""
+    seen_u = torch.zeros(max(train.n_users, val.n_users), dtype=torch.bool, device=val.device)
+    seen_i = torch.zeros(max(train.n_items, val.n_items), dtype=torch.bool, device=val.device)
+    seen_u[train.users.long().to(val.device)] = True
+    seen_i[train.items.long().to(val.device)] = True
+    return ~seen_u[val.users.long()], ~seen_i[val.items.long()]
+
+
+def cold_counts(train: Ratings, val: Ratings) -> dict[str, int]:
+    """Counts of cold validation pairs: ``{"cold_users": pairs whose user is unseen in
+    train, "cold_items": … item unseen, "cold_pairs": either}``."""
+    cu, ci = cold_mask(train, val)
+    return {"cold_users": int(cu.sum()), "cold_items": int(ci.sum()), "cold_pairs": int((cu | ci).sum())}

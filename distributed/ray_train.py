@@ -1,0 +1,99 @@
+"""Plumbing for training under Ray Train (v2 TorchTrainer): the world of a Ray Train worker
+and the checkpoint round trip, so the worker function itself stays a few lines.
+
+Ray Train has already started the torch.distributed group (gloo, or nccl with use_gpu) when
+the worker function runs; :func:`ray_train_world` only reads it. Every epoch each worker calls
+``ray.train.report``; the main rank attaches the resumable ``checkpoint.pt`` the trainer
+just wrote as a :class:`ray.train.Checkpoint`, which Ray copies to ``RunConfig.storage_path``.
+After a worker dies, Ray restarts the whole group and :func:`restore_checkpoint` hands the
+latest reported checkpoint back to the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from svdfill.distributed.world import DistWorld
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+_RESUMED_FROM_EPOCH = 0
+"""Set by :func:`restore_checkpoint` in this worker process (a restarted group is new processes)."""
+
+
+class RayTrainWorld(DistWorld):
+    """A :class:`DistWorld` whose epoch reports go to Ray Train."""
+
+    def report_epoch(self, metrics: dict, checkpoint_dir=None) -> None:
+        import ray.train
+
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        # 0 on a fresh start; after a restart, the epoch of the checkpoint it resumed from
+        clean["resumed_from_epoch"] = _RESUMED_FROM_EPOCH
+        if checkpoint_dir is None or not self.is_main:
+            ray.train.report(clean, checkpoint=None)
+            return
+        src = Path(checkpoint_dir) / CHECKPOINT_FILE
+        if not src.exists():
+            ray.train.report(clean, checkpoint=None)
+            return
+        # Report a folder holding only the resumable state (not model.pt, seen.pt, ...).
+        with tempfile.TemporaryDirectory(prefix="svdfill-ckpt-") as tmp:
+            dst = Path(tmp) / CHECKPOINT_FILE
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def ray_train_world(device: str = "cpu") -> RayTrainWorld:
+    """The world of this Ray Train worker (rank, size, device from Ray Train's context)."""
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
+    if torch.device(device).type == "cuda":
+        import ray.train.torch
+
+        dev = ray.train.torch.get_device()
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    return RayTrainWorld(rank, size, dev, backend)
+
+
+def restore_checkpoint(run_dir, world: RayTrainWorld) -> bool:
+    """After a restart, put the latest checkpoint Ray has (the last one reported) at
+    ``run_dir/checkpoint.pt`` (main rank; atomic), so the trainer resumes from it. Returns
+    whether there was one. Ray's copy is the one to trust: the run directory may have been
+    written by a rank that died, or live on another node.
+    """
+    import ray.train
+
+    from svdfill import checkpoint as ck
+
+    ckpt = ray.train.get_checkpoint()
+    found = ckpt is not None
+    if found:
+        ckpt_epoch = None
+        with ckpt.as_directory() as d:
+            src = Path(d) / CHECKPOINT_FILE
+            if src.exists() and world.is_main:
+                ck.atomic_write(Path(run_dir) / CHECKPOINT_FILE,
+                                lambda tmp: shutil.copyfile(src, tmp))
+                ckpt_epoch = (ck.load_training_state(run_dir) or {}).get("epoch")
+        epoch = world.broadcast_object(ckpt_epoch)
+        global _RESUMED_FROM_EPOCH
+        _RESUMED_FROM_EPOCH = int(epoch or 0)
+        if world.is_main:
+            print(f"ray: restarted; resuming from the checkpoint of epoch {epoch} ({ckpt.path})",
+                  flush=True)
+    return found

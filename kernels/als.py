@@ -1,0 +1,291 @@
+"""Alternating least squares for explicit-rating biased MF, batched on the model's device.
+
+The model is r̂(u, i) = μ + b_u + b_i + p_u·q_i with μ fixed at the global mean. With the
+item side held fixed, each user's [p_u, b_u] is the solution of a ridge regression of the
+residual r − μ − b_i on the features [q_i, 1] of the items that user rated::
+
+    (Zᵤᵀ Zᵤ + diag(λ_f·nᵤ^α, …, λ_f·nᵤ^α, λ_b·nᵤ^β)) [p_u; b_u] = Zᵤᵀ (r − μ − b_i)
+
+and symmetrically for items. By default the penalty of a row grows with its number of
+ratings nᵤ (``λ_f·nᵤ`` on the factors, ``λ_b·nᵤ`` on the bias) — Spark ALS's "weighted-λ" for
+explicit feedback — which makes ``λ`` mean the same thing as the per-rating L2 weight of
+Funk/Surprise SGD: both minimise ``Σ_(u,i) (r − r̂)² + λ_f(‖p_u‖² + ‖q_i‖²) + λ_b(b_u² + b_i²)``.
+``reg_exponent``/``bias_reg_exponent`` generalise this to ``λ_f·nᵤ^α`` and ``λ_b·nᵤ^β``.
+
+Batching: rows (users, then items) are sorted by rating count and cut into chunks of
+similar count whose padded gather ``[segments, L, d+1]`` fits a memory budget, so the normal
+equations of a chunk are one ``bmm`` and its solves one batched Cholesky. A row with more
+ratings than one padded segment may hold is split into several segments whose Gram
+matrices are summed with ``index_add_``: no row is too long for the budget, and no
+``[n, d+1, d+1]`` tensor of per-rating outer products is ever built.
+
+The sort and the chunk index tensors depend only on (users, items); they are built once
+and reused by later sweeps over the same, unmodified index tensors (the trainer passes the
+same ones every epoch).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEFAULT_BUDGET_ELEMENTS = 1 << 24
+"""Default cap on the elements of one chunk's gathered features (64 MiB of float32)."""
+
+_PAD_RATIO = 1.25
+"""Rows of one chunk have counts within this ratio, so padding wastes at most ~20%."""
+_MIN_WIDTH = 16
+"""Rows shorter than this share chunks regardless of the ratio (padding there is cheap)."""
+
+
+@torch.no_grad()
+def als_sweep(
+    model: torch.nn.Module,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    ratings: torch.Tensor,
+    *,
+    reg_factors: float,
+    reg_bias: float,
+    reg_exponent: float = 1.0,
+    bias_reg_exponent: float = 1.0,
+    budget_elements: int | None = None,
+) -> None:
+    """One ALS sweep in place: solve every user given the items, then every item given the
+    (new) users.
+
+    Args:
+        model: a :class:`svdfill.kernels.model.BiasedMF` (parameters ``user_factors [U, d]``,
+            ``item_factors [I, d]``, ``user_bias [U]``, ``item_bias [I]``, buffer
+            ``global_mean`` 0-d), float32, on the device where the work runs.
+        users: int32/int64 ``[n]`` row indices into ``user_factors``.
+        items: int32/int64 ``[n]`` row indices into ``item_factors`` (local to the model's
+            item table when it holds a shard).
+        ratings: float32 ``[n]``.
+        reg_factors: λ_f ≥ 0, the L2 weight on p_u and q_i.
+        reg_bias: λ_b ≥ 0, the L2 weight on b_u and b_i.
+        reg_exponent: α in the factor penalty ``λ_f · n^α`` of a row with ``n`` ratings.
+            1 (default) is Spark's weighted-λ, the same objective as per-rating SGD
+            regularization; 0 is a plain ridge penalty; in between shrinks rows with few
+            ratings relatively more.
+        bias_reg_exponent: β in the bias penalty ``λ_b · n^β`` (1 = per rating, 0 = a fixed
+            shrinkage of every bias by ``λ_b`` as in Koren's baseline estimates).
+        budget_elements: cap on the elements of one chunk's gathered features; ``None`` uses
+            :data:`DEFAULT_BUDGET_ELEMENTS`.
+
+    Users or items with no rating here keep their current values (the SGD trainer never
+    touches them either), so a sweep over any subset of the ratings is well defined.
+    Raises ``ValueError`` on mismatched shapes, out-of-range ids or negative λ, and
+    ``FloatingPointError`` when a solution is not finite (NaN/inf in the inputs).
+    """
+    if users.dim() != 1 or users.shape != items.shape or users.shape != ratings.shape:
+        raise ValueError(
+            f"als_sweep: users, items and ratings must be 1-d of one length, got "
+            f"{tuple(users.shape)}, {tuple(items.shape)}, {tuple(ratings.shape)}"
+        )
+    if reg_factors < 0 or reg_bias < 0:
+        raise ValueError(f"als_sweep: regularization must be >= 0, got {reg_factors}, {reg_bias}")
+    if not (0.0 <= reg_exponent <= 2.0 and 0.0 <= bias_reg_exponent <= 2.0):
+        raise ValueError(f"als_sweep: regularization exponents must lie in [0, 2], got "
+                         f"{reg_exponent}, {bias_reg_exponent}")
+    if users.numel() == 0:
+        return
+    budget = DEFAULT_BUDGET_ELEMENTS if budget_elements is None else int(budget_elements)
+    if budget < 1:
+        raise ValueError(f"als_sweep: budget_elements must be >= 1, got {budget}")
+    uf, itf = model.user_factors.data, model.item_factors.data
+    ub, ib = model.user_bias.data, model.item_bias.data
+    dev, dtype = uf.device, uf.dtype
+    n_users, n_items, d = uf.shape[0], itf.shape[0], uf.shape[1]
+    plan = _plan_for(users, items, n_users, n_items, d + 1, dev, budget)
+    centered = ratings.to(dev, dtype) - model.global_mean.to(dev, dtype)
+    # One trailing zero so padded slots (index n) contribute nothing.
+    centered = torch.cat([centered, centered.new_zeros(1)])
+    reg = (float(reg_factors), float(reg_bias), float(reg_exponent), float(bias_reg_exponent))
+    _solve_side(uf, ub, itf, ib, centered, plan.user_side, reg, budget)
+    _solve_side(itf, ib, uf, ub, centered, plan.item_side, reg, budget)
+
+
+# -- plan: the sort and the padded index tensors, built once per (users, items) ---------------
+
+@dataclass
+class _Chunk:
+    rows: torch.Tensor  # int64 [B] rows solved together
+    weight: torch.Tensor  # float [B] rating count per row (for weighted λ)
+    cols: torch.Tensor  # int32/64 [S, L] column ids, padded with C (a zero feature row)
+    pos: torch.Tensor  # int32/64 [S, L] positions in the ratings, padded with n (a zero target)
+    seg_row: torch.Tensor | None  # int64 [S] row of each segment when S > B, else None
+
+
+@dataclass
+class _Side:
+    n_cols: int
+    chunks: list[_Chunk]
+
+
+@dataclass
+class _Plan:
+    user_side: _Side
+    item_side: _Side
+
+
+_cache: dict = {}
+
+
+def _plan_for(users, items, n_users, n_items, k, dev, budget) -> _Plan:
+    key = (id(users), id(items), users._version, items._version, users.numel(), n_users,
+           n_items, k, str(dev), budget)
+    hit = _cache.get("key")
+    if hit == key and _cache["users"]() is users and _cache["items"]() is items:
+        return _cache["plan"]
+    u = users.to(dev, torch.int64)
+    i = items.to(dev, torch.int64)
+    for name, ids, bound in (("users", u, n_users), ("items", i, n_items)):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"als_sweep: {name} ids must lie in [0, {bound}), got [{lo}, {hi}]")
+    plan = _Plan(_build_side(u, i, n_users, n_items, k, budget),
+                 _build_side(i, u, n_items, n_users, k, budget))
+    _cache.clear()
+    # The plan lives as long as the index tensors it was built for: when either dies, the
+    # callback drops it, so a finished training run leaves no memory behind.
+    _cache.update(key=key, users=weakref.ref(users, _drop_plan), items=weakref.ref(items, _drop_plan),
+                  plan=plan)
+    return plan
+
+
+def _drop_plan(_ref) -> None:
+    _cache.clear()
+
+
+def _build_side(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, k: int,
+                budget: int) -> _Side:
+    dev = rows.device
+    n = rows.numel()
+    order = torch.argsort(rows, stable=True)
+    cols_sorted = cols[order]
+    counts = torch.bincount(rows, minlength=n_rows)
+    indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(counts, 0, out=indptr[1:])
+    counts_np = counts.cpu().numpy()
+    active = np.flatnonzero(counts_np)
+    # Ascending count keeps rows of similar length together, so padding wastes little.
+    active = active[np.argsort(counts_np[active], kind="stable")]
+    seg_cap = max(1, budget // k)
+    # int32 indices halve the plan's memory whenever the ids fit
+    idx_dtype = torch.int32 if max(n, n_cols) < 2**31 - 1 else torch.int64
+    chunks = []
+    # Padded slots point at position n (zero target) and column n_cols (zero features).
+    order_ext = torch.cat([order, torch.tensor([n], device=dev)])
+    cols_ext = torch.cat([cols_sorted, torch.tensor([n_cols], device=dev)])
+    for lo, hi in _chunks(counts_np[active], seg_cap, k, budget):
+        chunk = torch.from_numpy(active[lo:hi]).to(dev)
+        c = counts[chunk]
+        nseg = (c + seg_cap - 1) // seg_cap
+        seg_row = torch.repeat_interleave(torch.arange(chunk.numel(), device=dev), nseg)
+        first = torch.cumsum(nseg, 0) - nseg
+        seg_j = torch.arange(seg_row.numel(), device=dev) - first[seg_row]
+        seg_start = indptr[chunk][seg_row] + seg_j * seg_cap
+        seg_len = torch.clamp(c[seg_row] - seg_j * seg_cap, max=seg_cap)
+        width = int(min(int(counts_np[active[hi - 1]]), seg_cap))
+        offs = torch.arange(width, device=dev)
+        sorted_idx = torch.where(offs[None, :] < seg_len[:, None], seg_start[:, None] + offs[None, :],
+                                 torch.full((), n, dtype=torch.int64, device=dev))
+        chunks.append(_Chunk(rows=chunk, weight=c, cols=cols_ext[sorted_idx].to(idx_dtype),
+                             pos=order_ext[sorted_idx].to(idx_dtype),
+                             seg_row=seg_row if seg_row.numel() != chunk.numel() else None))
+    return _Side(n_cols=n_cols, chunks=chunks)
+
+
+def _chunks(sorted_counts: np.ndarray, seg_cap: int, k: int, budget: int):
+    """Yield ``[lo, hi)`` ranges over rows sorted by ascending count such that the padded
+    gather (segments × widest segment × k) and the chunk's Gram matrices (rows × k × k)
+    stay within ``budget`` elements, and counts within a chunk differ by at most
+    :data:`_PAD_RATIO` (always at least one row per chunk)."""
+    nseg = -(-sorted_counts // seg_cap)
+    seg_cum = np.concatenate([[0], np.cumsum(nseg)])
+    width = np.minimum(sorted_counts, seg_cap)
+    n = sorted_counts.size
+    max_rows = max(1, budget // (k * k))
+    lo = 0
+    while lo < n:
+        max_width = max(_MIN_WIDTH, int(width[lo] * _PAD_RATIO))
+
+        def fits(hi: int) -> bool:
+            w = int(width[hi - 1])
+            return ((seg_cum[hi] - seg_cum[lo]) * w * k <= budget and hi - lo <= max_rows
+                    and w <= max_width)
+
+        # every condition is monotone in hi: bisect for the largest hi that fits
+        a, b = lo + 1, min(n, lo + max_rows)
+        while a < b:
+            m = (a + b + 1) // 2
+            if fits(m):
+                a = m
+            else:
+                b = m - 1
+        yield lo, a
+        lo = a
+
+
+# -- the solves --------------------------------------------------------------------------------
+
+def _solve_side(factors, bias, fixed_factors, fixed_bias, centered, side: _Side,
+                reg: tuple[float, float, float, float], budget: int) -> None:
+    """Overwrite ``factors [R, d]``/``bias [R]`` of the side's rows with their ridge solutions
+    given ``fixed_factors [C, d]``/``fixed_bias [C]``; ``centered [n+1]`` = ratings − μ, 0."""
+    d = factors.shape[1]
+    k = d + 1
+    dev, dtype = factors.device, factors.dtype
+    # [q_i, 1] per column — the constant carries the row's own bias — and a zero row at C
+    # that padded slots gather.
+    feats = torch.zeros(side.n_cols + 1, k, device=dev, dtype=dtype)
+    feats[:-1, :d] = fixed_factors
+    feats[:-1, d] = 1.0
+    fbias = torch.cat([fixed_bias, fixed_bias.new_zeros(1)])
+    reg_factors, reg_bias, alpha, beta = reg
+    for ch in side.chunks:
+        if ch.seg_row is None:
+            gram, rhs = _normal_equations(feats, fbias, centered, ch.cols, ch.pos)
+        else:
+            # rows longer than one segment: sum segment Grams, a budget's worth at a time
+            b = ch.rows.numel()
+            gram = torch.zeros(b, k, k, device=dev, dtype=dtype)
+            rhs = torch.zeros(b, k, 1, device=dev, dtype=dtype)
+            step = max(1, budget // (ch.cols.shape[1] * k))
+            for s in range(0, ch.cols.shape[0], step):
+                g, r = _normal_equations(feats, fbias, centered, ch.cols[s:s + step], ch.pos[s:s + step])
+                gram.index_add_(0, ch.seg_row[s:s + step], g)
+                rhs.index_add_(0, ch.seg_row[s:s + step], r)
+        n = ch.weight.to(dtype)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
+        diag[:, d] += reg_bias * n.pow(beta)
+        sol = _spd_solve(gram, rhs)[..., 0]
+        factors[ch.rows] = sol[:, :d]
+        bias[ch.rows] = sol[:, d]
+
+
+def _normal_equations(feats, fbias, centered, cols, pos):
+    """Gram ``[S, k, k]`` and right-hand side ``[S, k, 1]`` of padded segments."""
+    x = feats[cols]  # [S, L, k]
+    y = centered[pos] - fbias[cols]  # [S, L]
+    xt = x.transpose(1, 2)
+    return torch.bmm(xt, x), torch.bmm(xt, y.unsqueeze(2))
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve the batch of symmetric positive (semi)definite systems ``a x = b``
+    (``a [B, k, k]``, ``b [B, k, 1]``) by Cholesky; systems that are not positive definite
+    (λ = 0 with fewer ratings than unknowns) get the minimum-norm least-squares solution."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b, chol)
+    bad = info != 0
+    if bool(bad.any()):
+        x[bad] = torch.linalg.pinv(a[bad], hermitian=True) @ b[bad]
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("als_sweep: non-finite solution (NaN/inf in ratings or factors?)")
+    return x

@@ -1,0 +1,264 @@
+"""Ray entry points: ``python -m svdfill.launch.ray_job train|fill …``, also as a Ray job::
+
+    ray job submit --working-dir . -- python -m svdfill.launch.ray_job train --config … --out …
+    ray job submit --working-dir . -- python -m svdfill.launch.ray_job fill --model … --k … --out …
+
+``train`` runs Ray Train's TorchTrainer (v2) with ``ScalingConfig(num_workers, use_gpu)``
+from ``[dist]``: every worker is one rank of the item-sharded trainer (the same code as
+``svdfill train`` and torchrun), reports its metrics each epoch, and the main rank attaches
+the resumable checkpoint (``ray.train.Checkpoint``). With ``FailureConfig(max_failures)``
+a dead worker makes Ray restart the group, which resumes from the last checkpoint. The run
+directory ends up as ``svdfill train`` leaves it; Ray's own records go to ``OUT/.ray``
+(``RunConfig.storage_path``; on a multi-node cluster OUT must be on storage every node sees).
+
+``fill`` starts W Ray actors, each holding one item shard, and streams the merged top-k to
+Parquet exactly as ``svdfill fill`` does (same file, same options).
+
+Without ``--address`` this connects to the cluster the job runs in (``ray job submit``,
+``RAY_ADDRESS``) or else starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+# -- train ----------------------------------------------------------------------------------
+
+def train_worker(config: dict) -> None:
+    """One Ray Train worker = one rank of the trainer (runs on every worker, after restarts too)."""
+    from svdfill.config import Config, from_dict
+    from svdfill.distributed.ray_train import ray_train_world, restore_checkpoint
+    from svdfill.launch.torchrun_train import shard_by_rating_counts
+    from svdfill.launch.trainer import run_training
+
+    cfg = from_dict(Config, config["cfg"], "ray_job train")
+    world = ray_train_world(cfg.train.device)
+    restore_checkpoint(config["out"], world)  # after a restart: Ray's last checkpoint → OUT
+    run_training(cfg, config["out"], world=world, reshard=shard_by_rating_counts,
+                 resume=True, quiet=config["quiet"])
+
+
+def _train_config(args: argparse.Namespace):
+    from svdfill.config import apply_overrides, load_config, resolve_data_path
+    from svdfill.launch import cmd_train
+
+    over = {**cmd_train.overrides_from_args(args), "dist.num_workers": args.num_workers,
+            "dist.max_failures": args.max_failures, "dist.backend": args.backend,
+            "dist.use_gpu": True if args.use_gpu else None}
+    cfg = apply_overrides(load_config(args.config), over)
+    if cfg.dist.use_gpu and not cfg.train.device.startswith("cuda"):
+        cfg = apply_overrides(cfg, {"train.device": "cuda"})
+    if cfg.train.device.startswith("cuda") and not cfg.dist.use_gpu:
+        from svdfill.launch.errors import UserError
+
+        raise UserError("train.device = cuda under Ray needs dist.use_gpu = true (--use-gpu): "
+                        "Ray hands each worker its GPU")
+    if cfg.data.path:
+        # workers run in other folders (and on other nodes): pin the path the driver sees
+        p = resolve_data_path(cfg.data.path)
+        if p.exists():
+            cfg = apply_overrides(cfg, {"data.path": str(p.resolve())})
+    return cfg
+
+
+def train(args: argparse.Namespace) -> int:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from svdfill import checkpoint as ck
+    from svdfill.config import to_dict
+    from svdfill.distributed.process_group import resolve_backend
+    from svdfill.launch.trainer import prepare_run_dir
+
+    import torch
+
+    cfg = _train_config(args)
+    out = Path(args.out).resolve()
+    # Decide about OUT once, here; the workers then always "resume" (a restarted worker group
+    # continues from the checkpoint; a fresh folder simply has none).
+    action = prepare_run_dir(out, cfg, resume=args.resume, overwrite=args.overwrite)
+    if action == "done":
+        print(json.dumps(_summary_line(out)))
+        return 0
+    backend = resolve_backend(cfg.dist.backend,
+                              torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
+    _ray_init(args.address)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "out": str(out), "quiet": args.quiet},
+        scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(name=f"svdfill-{cfg.name}", storage_path=str(out / ".ray"),
+                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures)),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
+    if not (out / ck.SUMMARY_FILE).exists():
+        raise RuntimeError(f"{out}: Ray Train finished but wrote no {ck.SUMMARY_FILE}")
+    print(json.dumps(_summary_line(out)))
+    return 0
+
+
+def _summary_line(out: Path) -> dict:
+    from svdfill import checkpoint as ck
+
+    s = json.loads((out / ck.SUMMARY_FILE).read_text())
+    keys = ("val_rmse", "val_mae", "val_mse", "best_epoch", "epochs_run", "train_seconds",
+            "n_train", "n_val", "n_val_cold", "world_size")
+    return {k: s.get(k) for k in keys} | {"run_dir": str(out)}
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    print(f"ray: connected to {ray.get_runtime_context().gcs_address} from node "
+          f"{ray.util.get_node_ip_address()}", flush=True)
+
+
+# -- fill -----------------------------------------------------------------------------------
+
+def fill(args: argparse.Namespace) -> int:
+    """``svdfill fill`` with the top-k computed by W Ray actors, one item shard each."""
+    from svdfill.checkpoint import load_model
+    from svdfill.distributed.ray_fill import ray_sharded
+    from svdfill.launch import cmd_fill
+
+    cfg = load_model(args.model).config
+    num_actors = args.num_actors or cfg.dist.num_workers
+    use_gpu = bool(args.use_gpu or cfg.dist.use_gpu)
+    _ray_init(args.address)
+
+    def on_start(actors, shards):
+        import ray
+
+        if args.quiet:
+            return
+        where = ray.get([a.where.remote() for a in actors])
+        nodes = len({w["node_id"] for w in where})
+        print(f"ray: {len(actors)} fill actors on {nodes} node(s): " + ", ".join(
+            f"items [{w['shard'][0]}, {w['shard'][1]}) on {w['ip']} pid {w['pid']} {w['device']}"
+            for w in where), flush=True)
+
+    return cmd_fill.main(args, sharded=ray_sharded(num_actors, use_gpu=use_gpu, on_start=on_start))
+
+
+# -- bench ----------------------------------------------------------------------------------
+
+def bench_fill(args: argparse.Namespace) -> int:
+    """Fill scaling over W Ray actors vs one process, on a random model (same run, same blocks).
+
+    The baseline is :func:`svdfill.kernels.fill.fill_topk` in this process over the same user
+    blocks; every W row also checks that its items equal the baseline's. Actor start-up
+    (state shipped through the object store) is shown apart from the fill itself.
+    """
+    import time
+
+    import numpy as np
+    import torch
+
+    from svdfill.data.csr import build_csr
+    from svdfill.distributed.ray_fill import ShardedBlockTopk, start_actors
+    from svdfill.kernels.fill import fill_topk
+
+    U, I, d, k, B = args.users, args.items, args.factors, args.k, args.user_block
+    g = torch.Generator().manual_seed(0)
+    state = {"user_factors": torch.randn(U, d, generator=g) * 0.3,
+             "item_factors": torch.randn(I, d, generator=g) * 0.3,
+             "user_bias": torch.randn(U, generator=g) * 0.1,
+             "item_bias": torch.randn(I, generator=g) * 0.1, "global_mean": torch.tensor(3.5)}
+    n_seen = U * args.seen_per_user
+    seen = build_csr(torch.randint(0, U, (n_seen,), generator=g),
+                     torch.randint(0, I, (n_seen,), generator=g), U, n_items=I)
+    blocks = [torch.arange(lo, min(lo + B, U)) for lo in range(0, U, B)]
+    s_ptr, s_idx = seen
+
+    t0 = time.perf_counter()
+    ref = []
+    for rows in blocks:
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        sub = (s_ptr[lo:hi + 1] - s_ptr[lo], s_idx[int(s_ptr[lo]):int(s_ptr[hi])])
+        ref.append(fill_topk(state["user_factors"][lo:hi], state["item_factors"],
+                             state["user_bias"][lo:hi], state["item_bias"], 3.5, k, sub))
+    base = time.perf_counter() - t0
+    print(f"fill top-{k}: {U:,} users x {I:,} items, d={d}, {int(s_ptr[-1]):,} seen pairs, "
+          f"blocks of {B:,} users; torch threads {torch.get_num_threads()}")
+    print(f"{'engine':<24}{'start s':>9}{'fill s':>9}{'Mpairs/s':>10}{'vs 1 proc':>10}"
+          f"{'users differing':>17}{'max |Δscore|':>14}")
+    print(f"{'1 process (fill_topk)':<24}{'-':>9}{base:>9.2f}{U * I / base / 1e6:>10.1f}{1.0:>10.2f}"
+          f"{'-':>17}{'-':>14}")
+    _ray_init(args.address)
+    import ray
+
+    for w in [int(x) for x in args.actors.split(",")]:
+        t0 = time.perf_counter()
+        actors, _ = start_actors(state, seen, w, num_cpus=args.actor_cpus)
+        start = time.perf_counter() - t0
+        fn = ShardedBlockTopk(actors, lambda b: blocks[b], len(blocks), k)
+        t0 = time.perf_counter()
+        got = [fn(b) for b in range(len(blocks))]
+        sec = time.perf_counter() - t0
+        # identical lists except where float32 rounding of another GEMM shape reorders
+        # near-equal scores: count those users and bound the score differences
+        diff = sum(int((a[1] != r[1]).any(1).sum()) for a, r in zip(got, ref))
+        dmax = max(float((a[0] - r[0]).abs().max()) for a, r in zip(got, ref))
+        print(f"{f'{w} Ray actor(s)':<24}{start:>9.2f}{sec:>9.2f}{U * I / sec / 1e6:>10.1f}"
+              f"{base / sec:>10.2f}{f'{diff} of {U}':>17}{dmax:>14.2e}")
+        for a in actors:
+            ray.kill(a)
+    return 0
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from svdfill.launch import cmd_train
+
+    p = argparse.ArgumentParser(prog="python -m svdfill.launch.ray_job",
+                                description="Train or fill on a Ray cluster.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    t = sub.add_parser("train", help="Ray Train TorchTrainer over item-sharded workers")
+    cmd_train.add_arguments(t)
+    t.add_argument("--num-workers", type=int, help="Ray Train workers; overrides dist.num_workers")
+    t.add_argument("--use-gpu", action="store_true", help="one GPU per worker; sets dist.use_gpu")
+    t.add_argument("--max-failures", type=int,
+                   help="worker-group restarts from the last checkpoint; overrides dist.max_failures")
+    t.add_argument("--backend", choices=("auto", "gloo", "nccl"),
+                   help="torch.distributed backend; overrides dist.backend")
+    t.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    f = sub.add_parser("fill", help="top-k fill over W Ray actors, one item shard each")
+    from svdfill.launch import cmd_fill
+
+    cmd_fill.add_arguments(f)
+    f.add_argument("--num-actors", type=int, help="item shards = Ray actors; overrides dist.num_workers")
+    f.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    f.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    b = sub.add_parser("bench-fill", help="fill scaling over W Ray actors vs one process")
+    b.add_argument("--users", type=int, default=100_000)
+    b.add_argument("--items", type=int, default=3_000)
+    b.add_argument("--factors", type=int, default=64)
+    b.add_argument("--k", type=int, default=100)
+    b.add_argument("--seen-per-user", type=int, default=20)
+    b.add_argument("--user-block", type=int, default=10_000)
+    b.add_argument("--actors", default="1,2", help="comma-separated actor counts")
+    b.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per actor")
+    b.add_argument("--address", help="Ray cluster address (default: a local one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from svdfill.launch.errors import run_reporting_errors
+
+    args = build_parser().parse_args(argv)
+    fn = {"train": train, "fill": fill, "bench-fill": bench_fill}[args.command]
+    return run_reporting_errors(lambda: fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

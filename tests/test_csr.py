@@ -1,0 +1,44 @@
+"""data/csr.py against a brute-force set-per-user reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from svdfill.data.csr import build_csr, csr_contains, csr_row
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_build_csr_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    n_users = int(rng.integers(1, 60))
+    n_items = int(rng.integers(1, 40))
+    n = int(rng.integers(0, 400))
+    users = rng.integers(0, n_users, n)
+    items = rng.integers(0, n_items, n)  # repeats included on purpose
+    dtype = [torch.int32, torch.int64][seed % 2]
+    indptr, indices = build_csr(torch.tensor(users, dtype=dtype), torch.tensor(items, dtype=dtype), n_users)
+    assert indptr.dtype == torch.int64 and indices.dtype == torch.int32
+    assert indptr.shape == (n_users + 1,) and int(indptr[0]) == 0 and int(indptr[-1]) == indices.numel()
+    for u in range(n_users):
+        expect = sorted(set(items[users == u].tolist()))
+        assert csr_row(indptr, indices, u).tolist() == expect
+    # membership, for every pair on the grid
+    gu, gi = np.meshgrid(np.arange(n_users), np.arange(n_items), indexing="ij")
+    inside = csr_contains(indptr, indices, gu.ravel(), gi.ravel()).numpy()
+    pairs = set(zip(users.tolist(), items.tolist()))
+    assert inside.tolist() == [(a, b) in pairs for a, b in zip(gu.ravel().tolist(), gi.ravel().tolist())]
+
+
+def test_numpy_input_and_bounds():
+    indptr, indices = build_csr(np.array([2, 0, 2]), np.array([5, 1, 3]), 4, n_items=6)
+    assert indptr.tolist() == [0, 1, 1, 3, 3] and indices.tolist() == [1, 3, 5]
+    with pytest.raises(ValueError):
+        build_csr(np.array([4]), np.array([0]), 4)
+    with pytest.raises(ValueError):
+        build_csr(np.array([0]), np.array([6]), 4, n_items=6)
+    with pytest.raises(ValueError):
+        build_csr(np.array([0, 1]), np.array([0]), 4)
+    empty = build_csr(np.zeros(0, np.int64), np.zeros(0, np.int64), 3)
+    assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0

@@ -1,0 +1,179 @@
+"""torchrun with 2 gloo processes on 127.0.0.1: training on ML-100K (same run directory and
+the same accuracy as one process, resumable at another world size) and the sharded fill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+EPOCHS = 4
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"})
+    return env
+
+
+def torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--rdzv-endpoint=127.0.0.1:0",
+           "-m", module, *map(str, args)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}"
+    return p
+
+
+def write_config(path: Path, ratings: Path, epochs: int = EPOCHS) -> Path:
+    path.write_text(f"""name = "mp-test"
+[data]
+path = "{ratings}"
+format = "ml-100k"
+[model]
+factors = 32
+init_std = 0.1
+[train]
+lr = 0.01
+lr_decay = 0.96
+batch_size = 128
+epochs = {epochs}
+patience = 0
+checkpoint_every = 1
+[fill]
+k = 10
+""")
+    return path
+
+
+def _ml100k() -> Path:
+    from conftest import _data_file
+
+    return _data_file("ml-100k", "u.data")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One single-process run and one torchrun W=2 run of the same config (shared by tests)."""
+    from svdfill.config import load_config
+    from svdfill.launch.trainer import run_training
+
+    ratings = _ml100k()
+    d = tmp_path_factory.mktemp("torchrun")
+    cfg_path = write_config(d / "cfg.toml", ratings)
+    single = d / "single"
+    torch.set_num_threads(1)
+    run_training(load_config(cfg_path), single, quiet=True)
+    dist = d / "dist"
+    p = torchrun("svdfill.launch.torchrun_train", "--config", cfg_path, "--out", dist, "--quiet")
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"dir": d, "cfg": cfg_path, "single": single, "dist": dist, "line": line}
+
+
+@pytest.mark.multiprocess
+def test_train_w2_same_run_dir_and_accuracy(trained):
+    from svdfill import checkpoint as ck
+
+    single, dist = trained["single"], trained["dist"]
+    assert trained["line"]["world_size"] == 2
+    names = lambda d: sorted(p.name for p in d.iterdir())  # noqa: E731
+    assert names(dist) == names(single)  # only rank 0 wrote, and nothing else
+    s1 = json.loads((single / ck.SUMMARY_FILE).read_text())
+    s2 = json.loads((dist / ck.SUMMARY_FILE).read_text())
+    assert s2["world_size"] == 2 and s2["epochs_run"] == s1["epochs_run"] == EPOCHS
+    assert s2["n_train"] == s1["n_train"] and s2["n_val"] == s1["n_val"]
+    assert abs(s2["val_rmse"] - s1["val_rmse"]) <= 0.005, (s1["val_rmse"], s2["val_rmse"])
+    assert s2["val_rmse"] < 0.98  # it learned something
+    # complete checkpoints: full item tables, loadable with weights_only
+    m = ck.load_model(dist)
+    assert m.state["item_factors"].shape == (1682, 32) and m.state["user_factors"].shape == (943, 32)
+    assert torch.count_nonzero(m.state["item_bias"]) > 1500  # both shards' rows are trained
+    state = ck.load_training_state(dist)
+    assert state["world_size"] == 2 and state["model"]["item_factors"].shape == (1682, 32)
+    rows = [json.loads(x) for x in (dist / ck.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.multiprocess
+def test_resume_at_other_world_size(trained, tmp_path):
+    """A W=2 checkpoint resumes in one process, and a one-process checkpoint under torchrun
+    W=2; both end near the uninterrupted run."""
+    from svdfill import checkpoint as ck
+    from svdfill.config import apply_overrides, load_config
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.launch.trainer import fit, run_training
+
+    cfg = load_config(trained["cfg"])
+    s1 = json.loads((trained["single"] / ck.SUMMARY_FILE).read_text())
+
+    # W=2 → W=1: the torchrun run's epoch-4 checkpoint, continued to epoch 6 in one process
+    a = tmp_path / "w2_to_w1"
+    a.mkdir()
+    for f in (ck.CHECKPOINT_FILE, ck.CONFIG_FILE, ck.METRICS_FILE):
+        shutil.copy(trained["dist"] / f, a / f)
+    sa = run_training(apply_overrides(cfg, {"train.epochs": EPOCHS + 2}), a, resume=True, quiet=True)
+    hist = [json.loads(x) for x in (a / ck.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in hist] == list(range(1, EPOCHS + 3))
+    assert sa["world_size"] == 1 and sa["epochs_run"] == EPOCHS + 2
+    assert sa["val_rmse"] < s1["val_rmse"]  # two more epochs of the same schedule help
+
+    # W=1 → W=2: a one-process run interrupted after epoch 2 (checkpoint, no model yet)
+    b = tmp_path / "w1_to_w2"
+    ratings, _ = load_dataset(cfg.data)
+    train, val = split(ratings, how=cfg.data.split, fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    ck.save_config_echo(b, cfg)
+    fit(apply_overrides(cfg, {"train.epochs": 2}), train, val, run_dir=b, quiet=True)
+    assert not (b / ck.MODEL_FILE).exists() and (b / ck.CHECKPOINT_FILE).exists()
+    torchrun("svdfill.launch.torchrun_train", "--config", trained["cfg"], "--out", b, "--resume", "--quiet")
+    sb = json.loads((b / ck.SUMMARY_FILE).read_text())
+    hist = [json.loads(x) for x in (b / ck.METRICS_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in hist] == list(range(1, EPOCHS + 1))
+    assert sb["world_size"] == 2
+    assert abs(sb["val_rmse"] - s1["val_rmse"]) <= 0.005
+
+
+def single_process_fill(model: Path, out: Path, *extra: str) -> None:
+    """``svdfill fill`` in this process (the reference output)."""
+    import argparse
+
+    from svdfill.launch import cmd_fill
+
+    p = argparse.ArgumentParser()
+    cmd_fill.add_arguments(p)
+    assert cmd_fill.main(p.parse_args(["--model", str(model), "--out", str(out), "--quiet", *extra])) == 0
+
+
+def assert_same_fill(a: Path, b: Path) -> None:
+    """Same rows, ids and ranks; scores equal up to float32 GEMM rounding of another shape."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.schema.equals(tb.schema) and ta.num_rows == tb.num_rows > 0
+    for col in ("user_id", "item_id", "rank"):
+        assert ta.column(col).equals(tb.column(col)), col
+    np.testing.assert_allclose(ta.column("score").to_numpy(), tb.column("score").to_numpy(),
+                               rtol=1e-6, atol=1e-6)
+    # the file's svdfill metadata (k, model hash, blocks, ...) is the same too
+    ma = {k: v for k, v in (ta.schema.metadata or {}).items() if k.startswith(b"svdfill.")}
+    mb = {k: v for k, v in (tb.schema.metadata or {}).items() if k.startswith(b"svdfill.")}
+    assert ma == mb
+
+
+@pytest.mark.multiprocess
+def test_torchrun_fill_w2_equals_single_process(trained, tmp_path):
+    model = trained["dist"]
+    ref = tmp_path / "single.parquet"
+    single_process_fill(model, ref, "--k", "10", "--user-block", "300")
+    got = tmp_path / "torchrun.parquet"
+    torchrun("svdfill.launch.torchrun_fill", "--model", model, "--k", "10", "--out", got,
+             "--user-block", "300", "--quiet")
+    assert_same_fill(got, ref)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single.parquet", "torchrun.parquet"]
