@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from svdfill.data.durable import fsync_dir as _fsync_dir
 from svdfill.data.errors import DataError
 
 MODEL_FILE = "model.pt"
@@ -79,19 +80,6 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], Any]) -> Pa
         raise
     _fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

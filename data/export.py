@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from svdfill.data.durable import fsync_dir as _fsync_dir
+from svdfill.data.durable import fsync_file as _fsync_file
 from svdfill.data.errors import DataError
 
 PARTIAL_FORMAT = "svdfill-export-partial/1"
@@ -155,27 +157,6 @@ def check_writable(target: Path) -> None:
         raise ExportError(f"{target}: folder {parent} is not writable")
     if target.exists() and not os.access(target, os.W_OK):
         raise ExportError(f"{target}: exists and is not writable")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 class ResumableParquetWriter:

@@ -282,9 +282,11 @@ def _seen_by_tile(rows: Tensor, cols: Tensor, tile: int, n_tiles: int):
 
 
 def _triton_impl(device: torch.device):
-    """The fused Triton fill when it may be used: on CUDA, importable, not disabled by
-    ``SVDFILL_FILL_KERNEL=torch``. Returns None otherwise (the torch tiles below run)."""
-    if device.type != "cuda" or os.environ.get("SVDFILL_FILL_KERNEL", "auto").lower() == "torch":
+    """The fused Triton fill when asked for with ``SVDFILL_FILL_KERNEL=triton`` on CUDA and
+    importable; None otherwise (the torch tiles below run). It is opt-in, not automatic,
+    until `svdfill bench kernels` has shown it faster than these tiles on a real GPU: it
+    has been validated only under TRITON_INTERPRET so far."""
+    if device.type != "cuda" or os.environ.get("SVDFILL_FILL_KERNEL", "torch").lower() != "triton":
         return None
     try:
         from svdfill.kernels.triton_fill import fill_topk_triton

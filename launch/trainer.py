@@ -88,7 +88,12 @@ def _fused_sgd(device: torch.device):
     else:
         try:
             from svdfill.kernels.triton_sgd import fused_sgd_step
-            return fused_sgd_step
+            from svdfill.kernels.triton_util import triton_mode, unavailable_reason
+
+            # the module imports without triton and then silently runs torch: ask explicitly
+            if triton_mode(device) == "compiled":
+                return fused_sgd_step
+            why = unavailable_reason(device) or "triton cannot compile here"
         except ImportError as e:
             why = f"triton kernel unavailable ({e})"
     if not _FUSED_WARNED:
