@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recs", default=None,
                         help="Parquet output of the fill (default: RUN_DIR/recs.parquet)")
     parser.add_argument("--ratings", help="ratings file; overrides data.path")
+    parser.add_argument("--dedupe", choices=["error", "last", "mean"],
+                        help="duplicate (user, item) pairs; overrides data.dedupe")
     parser.add_argument("--seed", type=int, help="training seed; overrides train.seed")
     parser.add_argument("--device", help="cpu | cuda | cuda:N, for training and fill")
     parser.add_argument("--epochs", type=int, help="maximum epochs; overrides train.epochs")
@@ -38,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     if args.overwrite or not done:
         resume = run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite
         train_args = argparse.Namespace(config=args.config, out=str(run_dir), ratings=args.ratings,
+                                        dedupe=args.dedupe,
                                         seed=args.seed, device=args.device, epochs=args.epochs,
                                         resume=resume, overwrite=args.overwrite, quiet=args.quiet)
         rc = cmd_train.main(train_args)

@@ -10,6 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file, or a built-in preset name (e.g. demo, ml-100k)")
     parser.add_argument("--out", required=True, help="run directory to create (runs/NAME)")
     parser.add_argument("--ratings", help="ratings file; overrides data.path")
+    parser.add_argument("--dedupe", choices=["error", "last", "mean"],
+                        help="duplicate (user, item) pairs: error (default) | keep the last | "
+                             "average; overrides data.dedupe")
     parser.add_argument("--seed", type=int, help="training seed; overrides train.seed")
     parser.add_argument("--device", help="cpu | cuda | cuda:N; overrides train.device")
     parser.add_argument("--epochs", type=int, help="maximum epochs; overrides train.epochs")
@@ -23,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted config overrides of the command-line options that were given."""
-    return {"data.path": getattr(args, "ratings", None), "train.seed": getattr(args, "seed", None),
+    return {"data.path": getattr(args, "ratings", None), "data.dedupe": getattr(args, "dedupe", None),
+            "train.seed": getattr(args, "seed", None),
             "train.device": getattr(args, "device", None), "train.epochs": getattr(args, "epochs", None)}
 
 

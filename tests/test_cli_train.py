@@ -203,3 +203,21 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
     ma, mb = ck.load_model(ref), ck.load_model(run)
     for k in ma.state:
         assert torch.equal(ma.state[k], mb.state[k])
+
+
+def test_dedupe_option_accepts_filmtrust_duplicates(tmp_path, filmtrust_path):
+    """FilmTrust's 3 duplicate pairs stop training by default; --dedupe mean accepts them."""
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "svdfill.launch.cli", "train", "--config", "demo",
+            "--ratings", str(filmtrust_path), "--epochs", "1", "--quiet"]
+    bad = subprocess.run(base + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "duplicate" in bad.stderr.lower(), bad.stderr
+    assert not (tmp_path / "a" / "model.pt").exists()
+    ok = subprocess.run(base + ["--out", str(tmp_path / "b"), "--dedupe", "mean"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["n_train"] + summary["n_val"] == 35_494
