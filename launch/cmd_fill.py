@@ -7,6 +7,10 @@ atomically, and a killed export resumes at the first unfinished block when the s
 command is run again. ``--full`` writes the dense fill of every unseen pair instead.
 
 Settings left out on the command line come from the run's ``[fill]`` config section.
+
+``--launcher torchrun --nproc N`` reruns the same command as a one-machine torchrun job
+(``python -m torch.distributed.run --standalone --nproc_per_node=N -m
+svdfill.launch.torchrun_fill …``): N item shards, the same Parquet file. Top-k only.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 RANK_MAX = 32767  # the rank column is int16
+TORCHRUN_MODULE = "svdfill.launch.torchrun_fill"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> None:
+    """The options of ``svdfill fill``; ``launcher=False`` leaves out ``--launcher`` and
+    ``--nproc`` (for entry points that already are one rank of a distributed job)."""
     parser.add_argument("--model", required=True, metavar="RUN_DIR",
                         help="run directory of a trained model (runs/NAME) or its model.pt")
     parser.add_argument("--out", required=True, metavar="FILE.parquet", help="output Parquet file")
@@ -47,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="discard an unfinished export of the same file made with other settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    if launcher:
+        from svdfill.launch.launcher import add_launcher_arguments
+
+        add_launcher_arguments(parser, TORCHRUN_MODULE)
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,8 +298,7 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
     """``sharded`` (svdfill.distributed): ``sharded(state, seen, k, device, dtype, memory_budget)
     -> topk_factory`` for :func:`export_fill`, to compute the top-k over item shards elsewhere
     (Ray actors, torchrun ranks) while this process writes the same file."""
-    from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
-    from svdfill.data.export import check_writable
+    from svdfill.launch.launcher import launch_torchrun, launcher_nproc
     from svdfill.launch.errors import UserError
 
     if args.k is not None and args.k <= 0:
@@ -297,6 +307,15 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
         raise UserError(f"--memory-budget-mb must be positive, got {args.memory_budget_mb}")
     if args.user_block is not None and args.user_block <= 0:
         raise UserError(f"--user-block must be positive, got {args.user_block}")
+    nproc = launcher_nproc(args)  # None where the parser has no --launcher (torchrun, Ray)
+    if nproc is not None:
+        if args.full:
+            raise UserError("--full is written by one process: run `svdfill fill --full` "
+                            "without --launcher torchrun")
+        return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
+    from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
+    from svdfill.data.export import check_writable
+
     out = Path(args.out)
     check_writable(out)
     model = load_model(args.model)

@@ -1,11 +1,22 @@
-"""`svdfill train`: train biased MF on a config's ratings into a run directory."""
+"""`svdfill train`: train biased MF on a config's ratings into a run directory.
+
+``--launcher torchrun --nproc N`` reruns the same command as a one-machine torchrun job
+(``python -m torch.distributed.run --standalone --nproc_per_node=N -m
+svdfill.launch.torchrun_train …``; see :mod:`svdfill.launch.launcher`).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from svdfill.launch.launcher import add_launcher_arguments, launch_torchrun, launcher_nproc
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+TORCHRUN_MODULE = "svdfill.launch.torchrun_train"
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> None:
+    """The options of ``svdfill train``; ``launcher=False`` leaves out ``--launcher`` and
+    ``--nproc`` (for entry points that already are one rank of a distributed job)."""
     parser.add_argument("--config", required=True,
                         help="TOML config file, or a built-in preset name (e.g. demo, ml-100k)")
     parser.add_argument("--out", required=True, help="run directory to create (runs/NAME)")
@@ -22,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace a run already in --out")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no per-epoch lines")
+    if launcher:
+        add_launcher_arguments(parser, TORCHRUN_MODULE)
 
+
+# ------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted config overrides of the command-line options that were given."""
@@ -52,6 +69,11 @@ def main(args: argparse.Namespace) -> int:
     import json
 
     from svdfill.config import apply_overrides, load_config
+
+    nproc = launcher_nproc(args)
+    if nproc is not None:
+        apply_overrides(load_config(args.config), overrides_from_args(args))  # config errors: one line, here
+        return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
     from svdfill.launch.trainer import run_training
 
     cfg = apply_overrides(load_config(args.config), overrides_from_args(args))

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     t = sub.add_parser("train", help="Ray Train TorchTrainer over item-sharded workers")
-    cmd_train.add_arguments(t)
+    cmd_train.add_arguments(t, launcher=False)
     t.add_argument("--num-workers", type=int, help="Ray Train workers; overrides dist.num_workers")
     t.add_argument("--use-gpu", action="store_true", help="one GPU per worker; sets dist.use_gpu")
     t.add_argument("--max-failures", type=int,
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fill", help="top-k fill over W Ray actors, one item shard each")
     from svdfill.launch import cmd_fill
 
-    cmd_fill.add_arguments(f)
+    cmd_fill.add_arguments(f, launcher=False)
     f.add_argument("--num-actors", type=int, help="item shards = Ray actors; overrides dist.num_workers")
     f.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     f.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")

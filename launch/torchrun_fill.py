@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m svdfill.launch.torchrun_fill",
                                 description=__doc__.splitlines()[0])
-    cmd_fill.add_arguments(p)
+    cmd_fill.add_arguments(p, launcher=False)
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="torch.distributed backend (auto: nccl on CUDA, gloo on CPU)")
     return p
@@ -110,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
 
     want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, size, device, backend = init_from_env(want, args.backend)
+    if size == 1:  # started without torchrun (or nproc 1): the one-process fill, no collectives
+        try:
+            args.device = str(device)
+            return run_reporting_errors(lambda: cmd_fill.main(args))
+        finally:
+            shutdown()
     world = DistWorld(rank, size, device, backend)
     try:
         if rank != 0:

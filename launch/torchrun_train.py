@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m svdfill.launch.torchrun_train",
                                 description=__doc__.splitlines()[0])
-    cmd_train.add_arguments(p)
+    cmd_train.add_arguments(p, launcher=False)
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"),
                    help="torch.distributed backend; overrides dist.backend")
     return p

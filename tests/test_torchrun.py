@@ -177,3 +177,181 @@ def test_torchrun_fill_w2_equals_single_process(trained, tmp_path):
              "--user-block", "300", "--quiet")
     assert_same_fill(got, ref)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["single.parquet", "torchrun.parquet"]
+
+
+# -- `svdfill train|fill --launcher torchrun` ----------------------------------------------
+
+def svdfill_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The real ``svdfill`` CLI in a subprocess, without the loopback variables of ``_env``:
+    ``--launcher torchrun`` sets them for its children."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS",
+                        "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "svdfill.launch.cli", *map(str, args)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}"
+    return p
+
+
+@pytest.mark.multiprocess
+def test_cli_launcher_torchrun_train_then_fill(trained, tmp_path):
+    """`svdfill train --launcher torchrun` makes the same run directory as the other runs;
+    `svdfill fill --launcher torchrun` on it writes the file one-process `svdfill fill` writes."""
+    from svdfill import checkpoint as ck
+
+    run = tmp_path / "run"
+    p = svdfill_cli("train", "--config", trained["cfg"], "--out", run, "--epochs", "1", "--quiet",
+                    "--launcher", "torchrun", "--nproc", "2")
+    line = json.loads(p.stdout.strip().splitlines()[-1])  # rank 0's summary line, streamed through
+    assert line["world_size"] == 2 and line["epochs_run"] == 1 and line["run_dir"] == str(run)
+    assert sorted(x.name for x in run.iterdir()) == sorted(x.name for x in trained["single"].iterdir())
+    summary = json.loads((run / ck.SUMMARY_FILE).read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 1
+
+    got = tmp_path / "cli.parquet"
+    svdfill_cli("fill", "--model", run, "--k", "10", "--out", got, "--user-block", "300", "--quiet",
+                "--launcher=torchrun", "--nproc=2")
+    ref = tmp_path / "single.parquet"
+    single_process_fill(run, ref, "--k", "10", "--user-block", "300")
+    assert_same_fill(got, ref)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["cli.parquet", "run", "single.parquet"]
+
+
+def test_torchrun_fill_without_torchrun_is_the_one_process_fill(trained, tmp_path):
+    """`python -m svdfill.launch.torchrun_fill` started without torchrun's environment is a
+    world of one: it writes what `svdfill fill` writes."""
+    from svdfill.distributed.process_group import TORCHRUN_VARS
+
+    env = {k: v for k, v in _env().items() if k not in TORCHRUN_VARS}
+    got, ref = tmp_path / "one.parquet", tmp_path / "ref.parquet"
+    cmd = [sys.executable, "-m", "svdfill.launch.torchrun_fill", "--model", str(trained["single"]),
+           "--k", "10", "--out", str(got), "--user-block", "300", "--quiet", "--device", "cpu"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    single_process_fill(trained["single"], ref, "--k", "10", "--user-block", "300")
+    assert_same_fill(got, ref)
+
+
+def _cli_parse(*argv: str):
+    from svdfill.launch.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+TRAIN_ARGV = ("--config", "my cfg.toml", "--out", "runs/x", "--ratings=-odd.csv", "--dedupe", "mean",
+              "--seed", "-3", "--device", "cpu", "--epochs", "2", "--resume", "--overwrite", "--quiet")
+FILL_ARGV = ("--model", "runs/x", "--out", "o.parquet", "--k", "7", "--users", "u.txt", "--device", "cpu",
+             "--no-exclude-seen", "--dtype", "bfloat16", "--memory-budget-mb", "64", "--user-block", "9",
+             "--restart", "--quiet")
+
+
+@pytest.mark.parametrize("form", [("--launcher", "torchrun"), ("--launcher=torchrun",)])
+@pytest.mark.parametrize("command,argv", [("train", TRAIN_ARGV), ("fill", FILL_ARGV),
+                                          ("train", ("--config", "c", "--out", "o")),
+                                          ("fill", ("--model", "m", "--out", "o", "--exclude-seen"))])
+def test_forwarded_argv_round_trips(command, argv, form):
+    """The argv given to the torchrun module parses to the same options, minus the launcher."""
+    from svdfill.launch import cmd_fill, cmd_train, launcher, torchrun_fill, torchrun_train
+
+    cmd, child = {"train": (cmd_train, torchrun_train), "fill": (cmd_fill, torchrun_fill)}[command]
+    args = _cli_parse(command, *argv[:2], *form, "--nproc", "3", *argv[2:])
+    assert launcher.launcher_nproc(args) == 3
+    fwd = launcher.forwarded_argv(args, cmd.add_arguments)
+    assert not any(a.startswith(("--launcher", "--nproc")) for a in fwd), fwd
+    back = vars(child.build_parser().parse_args(fwd))
+    assert "launcher" not in back and "nproc" not in back and "backend" in back
+    back.pop("backend")
+    want = {k: v for k, v in vars(args).items() if k not in ("command", "launcher", "nproc")}
+    assert back == want
+    assert fwd == launcher.forwarded_argv(_cli_parse(command, *argv), cmd.add_arguments)
+
+
+def test_launcher_torchrun_runs_the_torchrun_module(monkeypatch):
+    """`svdfill train|fill --launcher torchrun` runs `python -m torch.distributed.run … -m
+    svdfill.launch.torchrun_*` with loopback defaults and returns its exit code."""
+    from svdfill.launch import cli, launcher
+
+    calls = []
+    monkeypatch.setattr(launcher, "run_forwarding_signals", lambda cmd, env: calls.append((cmd, env)) or 7)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert cli.main(["train", "--config", "demo", "--out", "runs/x", "--launcher", "torchrun"]) == 7
+    assert cli.main(["fill", "--model", "runs/x", "--out", "o.parquet", "--k", "3",
+                     "--launcher=torchrun", "--nproc=1"]) == 7
+    (train_cmd, env), (fill_cmd, _) = calls
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert train_cmd == [*head, "--nproc_per_node=2", "--rdzv-endpoint=127.0.0.1:0",
+                         "-m", "svdfill.launch.torchrun_train", "--config=demo", "--out=runs/x"]
+    assert fill_cmd == [*head, "--nproc_per_node=1", "--rdzv-endpoint=127.0.0.1:0",
+                        "-m", "svdfill.launch.torchrun_fill", "--model=runs/x", "--out=o.parquet", "--k=3"]
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["OMP_NUM_THREADS"] == "5"  # the user's value kept
+    if sys.platform.startswith("linux"):
+        assert env["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--config", "demo", "--out", "o", "--launcher", "torchrun", "--nproc", "0"],
+     "--nproc must be at least 1, got 0"),
+    (["fill", "--model", "m", "--out", "o", "--launcher", "torchrun", "--nproc=-2"],
+     "--nproc must be at least 1, got -2"),
+    (["train", "--config", "demo", "--out", "o", "--nproc", "2"], "--nproc 2 needs --launcher torchrun"),
+    (["fill", "--model", "m", "--out", "o", "--nproc", "2"], "--nproc 2 needs --launcher torchrun"),
+    (["fill", "--model", "m", "--out", "o", "--full", "--launcher", "torchrun"],
+     "--full is written by one process"),
+    (["train", "--config", "no-such-config.toml", "--out", "o", "--launcher", "torchrun"], "no-such-config"),
+])
+def test_launcher_errors(monkeypatch, capsys, argv, message):
+    from svdfill.launch import cli, launcher
+
+    monkeypatch.setattr(launcher, "run_forwarding_signals", lambda *a: pytest.fail("launched"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("svdfill: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("torchrun_train", ["--config", "demo", "--out", "o", "--launcher", "torchrun"]),
+    ("torchrun_train", ["--config", "demo", "--out", "o", "--nproc", "2"]),
+    ("torchrun_fill", ["--model", "m", "--out", "o", "--launcher=torchrun"]),
+    ("torchrun_fill", ["--model", "m", "--out", "o", "--nproc", "3"]),
+])
+def test_torchrun_modules_have_no_launcher(capsys, module, argv):
+    """A rank never relaunches itself: the torchrun entry points do not take --launcher."""
+    import importlib
+
+    mod = importlib.import_module(f"svdfill.launch.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.build_parser().parse_args(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_run_forwarding_signals(tmp_path):
+    """SIGTERM sent to the launcher reaches the child, whose exit code is returned; output
+    streams through (not captured)."""
+    import signal
+    import threading
+    import time
+
+    from svdfill.launch.launcher import run_forwarding_signals
+
+    ready = tmp_path / "ready"
+    child = ("import pathlib, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+             f"pathlib.Path({str(ready)!r}).touch()\n"
+             "time.sleep(60)\n")
+
+    def kill_when_ready():
+        t0 = time.monotonic()
+        while not ready.exists() and time.monotonic() - t0 < 30:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=kill_when_ready)
+    t.start()
+    t0 = time.monotonic()
+    assert run_forwarding_signals([sys.executable, "-c", child]) == 7
+    t.join()
+    assert time.monotonic() - t0 < 30 and signal.getsignal(signal.SIGTERM) is before
+    assert run_forwarding_signals([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]) == 128 + 9
