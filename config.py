@@ -99,7 +99,7 @@ class TrainConfig:
     """Solver, optimizer and schedule."""
 
     solver: str = "sgd"
-    """sgd (minibatch gradient steps with ``optimizer``) | als (alternating least squares)."""
+    """sgd (minibatch gradient steps with ``optimizer``) | als (alternating least squares) | gibbs (Bayesian MF, posterior mean by Gibbs sampling)."""
     optimizer: str = "sgd"
     """sgd | adam | adagrad | sparse_adam (gradient solvers only)."""
     kernel: str = "torch"
@@ -116,6 +116,20 @@ class TrainConfig:
     """ALS only: a row with n ratings gets the factor penalty reg_factors·n^α (1 = per rating, as SGD)."""
     als_bias_reg_exponent: float = 1.0
     """ALS only: bias penalty reg_bias·n^β (0 = a fixed shrinkage, as Koren's baseline estimates)."""
+    burn_in: int = 10
+    """Gibbs only: sweeps (epochs) drawn before the posterior mean starts averaging them."""
+    gibbs_warm_start: int = 3
+    """Gibbs only: ALS sweeps (with reg_factors, reg_bias and the ALS exponents) that start the chain."""
+    gibbs_beta0: float = 2.0
+    """Gibbs only: Normal-Wishart prior strength β₀ of the factor means."""
+    gibbs_w0: float = 1.0
+    """Gibbs only: Normal-Wishart scale W₀ = w₀·I of the factor precisions."""
+    gibbs_noise_precision: float = 0.0
+    """Gibbs only: fixed noise precision α (1/σ²); 0 = sample it."""
+    gibbs_overrelax: float = -0.9
+    """Gibbs only: over-relaxation ρ in (−1, 1) of each draw (0 = plain Gibbs; ρ < 0 anticorrelates successive draws, so their average converges in fewer sweeps)."""
+    gibbs_mean_rank: int = 0
+    """Gibbs only: rank kept by the running posterior mean before export at model.factors; 0 = 2·factors."""
     weight_decay: float = 0.0
     """Optimizer weight decay on every parameter (the original recipe used 1e-5 with Adam)."""
     batch_size: int = 1024
@@ -301,7 +315,7 @@ _CHOICES = {
     ("data", "format"): {"auto", "ml-100k", "ml-dat", "csv", "plain", "parquet"},
     ("data", "dedupe"): {"error", "last", "mean"},
     ("data", "split"): {"random", "per_user"},
-    ("train", "solver"): {"sgd", "als"},
+    ("train", "solver"): {"sgd", "als", "gibbs"},
     ("train", "optimizer"): {"sgd", "adam", "adagrad", "sparse_adam"},
     ("train", "kernel"): {"torch", "fused"},
     ("fill", "dtype"): {"float32", "tf32", "bfloat16"},
@@ -328,6 +342,13 @@ def validate(cfg: Config, where: str) -> None:
         ("train.reg_bias", cfg.train.reg_bias >= 0),
         ("train.als_reg_exponent", 0.0 <= cfg.train.als_reg_exponent <= 2.0),
         ("train.als_bias_reg_exponent", 0.0 <= cfg.train.als_bias_reg_exponent <= 2.0),
+        ("train.burn_in", cfg.train.burn_in >= 0),
+        ("train.gibbs_warm_start", cfg.train.gibbs_warm_start >= 0),
+        ("train.gibbs_beta0", cfg.train.gibbs_beta0 > 0),
+        ("train.gibbs_w0", cfg.train.gibbs_w0 > 0),
+        ("train.gibbs_noise_precision", cfg.train.gibbs_noise_precision >= 0),
+        ("train.gibbs_mean_rank", cfg.train.gibbs_mean_rank >= 0),
+        ("train.gibbs_overrelax", -1.0 < cfg.train.gibbs_overrelax < 1.0),
         ("fill.k", cfg.fill.k >= 1),
         ("dist.num_workers", cfg.dist.num_workers >= 1),
         ("data.synthetic.n_users", cfg.data.synthetic.n_users >= 1),

@@ -130,8 +130,10 @@ class BiasedMF(nn.Module):
         for s in range(0, users.shape[0], chunk):
             u = users[s:s + chunk].long()
             i = items[s:s + chunk].long()
-            out[s:s + chunk] = (self.global_mean + self.user_bias[u] + self.item_bias[i]
-                                + (self.user_factors[u] * self.item_factors[i]).sum(1))
+            # index_select: about twice as fast as advanced indexing for row gathers on CPU
+            dot = (self.user_factors.index_select(0, u) * self.item_factors.index_select(0, i)).sum(1)
+            out[s:s + chunk] = (self.global_mean + self.user_bias.index_select(0, u)
+                                + self.item_bias.index_select(0, i) + dot)
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

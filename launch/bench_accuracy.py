@@ -265,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _cfg_label(cfg) -> str:
     t = cfg.train
-    how = "ALS" if t.solver == "als" else t.optimizer
+    how = {"als": "ALS", "gibbs": "Bayesian MF, Gibbs"}.get(t.solver, t.optimizer)
     return f"{how}, d={cfg.model.factors}"
 
 

@@ -66,7 +66,8 @@ def _fmt_row(row: dict) -> str:
         return (f"  {label} MSE {row[f'{prefix}_mse']:.4f} RMSE {row[f'{prefix}_rmse']:.4f} "
                 f"MAE {row[f'{prefix}_mae']:.4f}")
     head = ("refit epoch" if row["phase"] == "refit" else "epoch") + f" {row['epoch']}"
-    return f"{head}{part('train', 'train')}{part('val', 'val')}  ({row['seconds']:.1f} s)"
+    chain = (f"  σ {row['noise_sigma']:.3f}, {row['samples']} averaged" if "samples" in row else "")
+    return f"{head}{part('train', 'train')}{part('val', 'val')}{chain}  ({row['seconds']:.1f} s)"
 
 
 def localize(r: Ratings, lo: int, hi: int) -> Ratings:
@@ -155,7 +156,7 @@ class _Trainer:
         self.n_items, self.lo = n_items, lo
         dev = world.device
         self.solver = t.solver
-        self.kind = t.optimizer if t.solver == "sgd" else "als"
+        self.kind = t.optimizer if t.solver == "sgd" else t.solver
         self.model = BiasedMF(n_users, n_items_local, cfg.model.factors, init_std=cfg.model.init_std,
                               global_mean=global_mean, seed=t.seed, item_offset=lo,
                               sparse=self.kind == "sparse_adam").to(dev)
@@ -181,9 +182,10 @@ class _Trainer:
         self.sgd_fn = sgd_step
         if self.kind == "sgd" and t.kernel == "fused" and world.world_size == 1:
             self.sgd_fn = _fused_sgd(torch.device(dev)) or sgd_step
-        if self.kind == "als" and world.world_size > 1:
-            raise UserError("train.solver = 'als' runs on one process; use solver = 'sgd' "
+        if self.kind in ("als", "gibbs") and world.world_size > 1:
+            raise UserError(f"train.solver = {self.kind!r} runs on one process; use solver = 'sgd' "
                             "for distributed training")
+        self.chain = None  # the Gibbs sampler, started by the first sweep or a checkpoint
         n_global = world.all_reduce_sum(torch.tensor([float(len(train))], dtype=torch.float64))
         self.n_global = float(n_global[0])
 
@@ -195,11 +197,15 @@ class _Trainer:
         lr = self.lr_at(epoch)
         d = self.data
         if self.kind == "als":
-            from svdfill.kernels.als import als_sweep
-
-            als_sweep(self.model, d.users, d.items, d.ratings, reg_factors=self.reg_f,
-                      reg_bias=self.reg_b, reg_exponent=self.cfg.train.als_reg_exponent,
-                      bias_reg_exponent=self.cfg.train.als_bias_reg_exponent)
+            self._als_sweep()
+            return
+        if self.kind == "gibbs":
+            if self.chain is None:
+                self._start_chain()
+            t = self.cfg.train
+            self.chain.sweep(d.users, d.items, d.ratings, accumulate=epoch > t.burn_in,
+                             seed=_phase_seed(t.seed, phase, epoch, self.world.rank))
+            self.model.load_state_tensors(self.chain.mean_state(self.cfg.model.factors))
             return
         dev = d.ratings.device
         n = len(d)
@@ -251,6 +257,48 @@ class _Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+
+    def _als_sweep(self) -> None:
+        from svdfill.kernels.als import als_sweep
+
+        d = self.data
+        als_sweep(self.model, d.users, d.items, d.ratings, reg_factors=self.reg_f,
+                  reg_bias=self.reg_b, reg_exponent=self.cfg.train.als_reg_exponent,
+                  bias_reg_exponent=self.cfg.train.als_bias_reg_exponent)
+
+    def _start_chain(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The Gibbs chain from ``gibbs_warm_start`` ALS sweeps (a MAP fit: the chain then
+        needs little burn-in) with α from their residuals, or from a checkpointed ``state``."""
+        from svdfill.kernels.gibbs import GibbsChain, GibbsPriors
+
+        t = self.cfg.train
+        alpha = t.gibbs_noise_precision or 2.0
+        if state is None and t.gibbs_warm_start > 0:
+            for _ in range(t.gibbs_warm_start):
+                self._als_sweep()
+            mse = self.evaluate(self.data)["mse"]
+            if not t.gibbs_noise_precision and mse > 0:
+                alpha = 1.0 / mse
+        priors = GibbsPriors(beta0=t.gibbs_beta0, w0=t.gibbs_w0, noise_precision=t.gibbs_noise_precision)
+        self.chain = GibbsChain(self.model.state_tensors(), alpha=alpha, priors=priors,
+                                mean_rank=t.gibbs_mean_rank or 2 * self.cfg.model.factors,
+                                overrelax=t.gibbs_overrelax)
+        if state is not None:
+            self.chain.load_state(state)
+
+    def epoch_info(self) -> dict[str, float]:
+        """Solver-specific figures for the epoch's metrics row."""
+        if self.chain is None:
+            return {}
+        return {"noise_sigma": round(self.chain.noise_sigma, 6), "samples": self.chain.samples}
+
+    def solver_state(self) -> dict[str, torch.Tensor] | None:
+        """What a resumed run needs beyond the model and the optimizer (the Gibbs chain)."""
+        return None if self.chain is None else {k: v.detach().cpu() for k, v in self.chain.state().items()}
+
+    def load_solver_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None and self.kind == "gibbs":
+            self._start_chain({k: v.to(self.world.device) for k, v in state.items()})
 
     # -- metrics -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -366,6 +414,7 @@ def _run_phase(phase: str, cfg: Config, world: World, train: Ratings, val: Ratin
     if ckpt is not None and ckpt.get("phase") == phase:
         tr.model.load_state_tensors(_slice_state(ckpt["model"], lo, hi, dev))
         tr.load_optimizer_tables(ckpt.get("optimizer") or {}, lo, hi)
+        tr.load_solver_state(ckpt.get("solver"))
         start_epoch = int(ckpt["epoch"])
         bad = int(ckpt["bad_epochs"])
         seconds = float(ckpt["seconds"])
@@ -393,7 +442,7 @@ def _run_phase(phase: str, cfg: Config, world: World, train: Ratings, val: Ratin
         seconds += dt
         row = {"phase": phase, "epoch": epoch, "lr": tr.lr_at(epoch),
                **{f"train_{k}": v for k, v in tm.items()}, **{f"val_{k}": v for k, v in vm.items()},
-               "seconds": round(dt, 4)}
+               **tr.epoch_info(), "seconds": round(dt, 4)}
         history.append(row)
         if not quiet and world.is_main:
             log(_fmt_row(row))
@@ -445,7 +494,7 @@ def _write_checkpoint(world: World, run_dir: Path, phase: str, epoch: int, tr: _
         return
     if best_out is not None and best_out["state"] is None and best["state"] is not None:
         best_out = None  # pragma: no cover - gather returned nothing on the main rank
-    obj = {"phase": phase, "epoch": epoch, "model": state, "optimizer": opt,
+    obj = {"phase": phase, "epoch": epoch, "model": state, "optimizer": opt, "solver": tr.solver_state(),
            "best": best_out, "bad_epochs": bad, "seconds": seconds,
            "history": [dict(r) for r in history],
            "rng": {"scheme": "per-epoch generator seeded by (seed, phase, epoch, rank)",

@@ -175,6 +175,43 @@ def test_als_solver_runs_through_the_same_loop():
     assert res.summary["val_rmse"] < 0.65 and res.summary["optimizer"] is None
 
 
+def test_gibbs_solver_averages_after_burn_in_and_resumes_exactly(tmp_path):
+    cfg = _cfg(**{"train.solver": "gibbs", "train.epochs": 8, "train.burn_in": 2,
+                  "train.reg_factors": 0.1, "train.reg_bias": 0.1, "train.checkpoint_every": 3})
+    train, val = _data(cfg)
+    full = fit(cfg, train, val, None, tmp_path / "a", quiet=True)
+    assert [r["samples"] for r in full.history] == [0, 0, 1, 2, 3, 4, 5, 6]
+    assert all(0.3 < r["noise_sigma"] < 0.8 for r in full.history)
+    # averaging draws improves on the single draws of the burn-in
+    assert full.history[-1]["val_rmse"] < full.history[1]["val_rmse"]
+    assert full.summary["val_rmse"] < 0.5 * 1.1 and full.summary["solver"] == "gibbs"
+    assert full.state["user_factors"].shape == (600, 4)
+    # stopped at its epoch-3 checkpoint, then resumed: the same chain, the same numbers
+    fit(apply_overrides(cfg, {"train.epochs": 3}), train, val, None, tmp_path / "b", quiet=True)
+    resumed = fit(cfg, train, val, None, tmp_path / "b", resume=True, quiet=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    for k in full.state:
+        assert torch.equal(resumed.state[k], full.state[k]), k
+
+
+def test_gibbs_refit_and_one_process_only():
+    from svdfill.distributed.world import World
+
+    cfg = _cfg(**{"train.solver": "gibbs", "train.epochs": 4, "train.burn_in": 1,
+                  "train.patience": 2, "train.refit": True})
+    train, val = _data(cfg)
+    res = fit(cfg, train, val, quiet=True)
+    assert res.summary["refit"]["epochs"] == res.summary["best_epoch"]
+    assert [r["phase"] for r in res.history].count("refit") == res.summary["best_epoch"]
+
+    from svdfill.launch.errors import UserError
+
+    # the check comes before any collective, so a World that only claims two ranks meets it
+    with pytest.raises(UserError, match="one process"):
+        fit(cfg, train, val, World(world_size=2), quiet=True)
+
+
 def test_localize_and_config_differences():
     r = Ratings(torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32),
                 torch.tensor([1.0, 2.0, 3.0]), 3, 5)
