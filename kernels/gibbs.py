@@ -284,7 +284,8 @@ class GibbsChain:
         dev = self.P.device
         d = self.P.shape[1]
         plan = rating_plan(users, items, self.P.shape[0], self.Q.shape[0], d + 1, dev, self.budget)
-        centered = torch.cat([ratings.to(dev, torch.float32) - self.mu, ratings.new_zeros(1, dtype=torch.float32)])
+        centered = torch.cat([ratings.to(dev, torch.float32) - self.mu,
+                              torch.zeros(1, device=dev, dtype=torch.float32)])
         rng = np.random.default_rng(seed)
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed)
@@ -315,12 +316,15 @@ class GibbsChain:
         prior_mean, prior_prec = sample_normal_wishart(rng, n, m, scatter, self.priors)
         bias_prec = sample_precision(rng, n, float(own_b[rows].double().pow(2).sum()), self.priors)
         return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side, alpha=self.alpha,
-                    prior_mean=torch.from_numpy(prior_mean), prior_prec=torch.from_numpy(prior_prec),
-                    bias_prec=bias_prec, generator=gen, budget=self.budget, mean_f=mean_f, mean_b=mean_b,
+                           prior_mean=torch.from_numpy(prior_mean),
+                           prior_prec=torch.from_numpy(prior_prec), bias_prec=bias_prec,
+                           generator=gen, budget=self.budget, mean_f=mean_f, mean_b=mean_b,
                            overrelax=self.overrelax)
 
     @torch.no_grad()
     def sum_squared_error(self, users, items, ratings, chunk: int = 1 << 22) -> float:
+        """Σ (r − r̂)² of the current draw over the given ratings, by direct prediction (the
+        sweep gets the same number from its normal equations; this is the plain check)."""
         total = torch.zeros((), dtype=torch.float64, device=self.P.device)
         for s in range(0, users.numel(), chunk):
             u, i = users[s:s + chunk], items[s:s + chunk]
