@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-config", default=ORIGINAL_RECIPE,
                         help="the in-house baseline (default: the original recipe)")
     parser.add_argument("--ratings", default=None, help="override the data file of the configs")
+    parser.add_argument("--dedupe", choices=["error", "last", "mean"], default=None,
+                        help="duplicate (user, item) pairs in the file: error (default) | keep the "
+                             "last | their mean (FilmTrust has 3)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads for svdfill (0 = torch's default); Surprise "
@@ -96,6 +99,8 @@ def _configs(args) -> tuple[object, object, str]:
             over.update({"data.scale_min": math.nan, "data.scale_max": math.nan})
     if args.device:
         over["train.device"] = args.device
+    if getattr(args, "dedupe", None):
+        over["data.dedupe"] = args.dedupe
     if args.quick:
         over["train.epochs"] = min(cfg.train.epochs, QUICK_EPOCHS)
     cfg = apply_overrides(cfg, over, "bench accuracy")

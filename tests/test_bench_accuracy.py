@@ -49,6 +49,19 @@ def test_quick_bench_end_to_end(ml100k_path, tmp_path, capsys):
         assert len(runs) == 2 and all(r["rmse"] > 0 for r in runs)
 
 
+def test_a_ratings_path_with_duplicates_needs_dedupe(filmtrust_path, capsys):
+    """--data PATH trains the ml-100k defaults on any file; FilmTrust's 3 duplicate pairs are
+    refused unless --dedupe says what to do with them."""
+    from svdfill.data.errors import DataError
+
+    with pytest.raises(DataError, match="duplicate"):
+        ba.main(_args(data=filmtrust_path, seeds="0", quick=True, quiet=True, no_surprise=True))
+    assert ba.main(_args(data=filmtrust_path, seeds="0", quick=True, quiet=True, no_surprise=True,
+                         dedupe="mean")) == 0
+    text = capsys.readouterr().out
+    assert "ratings.txt (4,000 ratings, QUICK sample)" in text and "Surprise rows skipped" in text
+
+
 def test_svdfill_never_sees_the_test_split(monkeypatch):
     """The trainer is handed only training-split ratings: with early stopping, a fold
     carved from them (disjoint from the test split) is its validation set."""
