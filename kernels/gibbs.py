@@ -321,17 +321,6 @@ class GibbsChain:
                            generator=gen, budget=self.budget, mean_f=mean_f, mean_b=mean_b,
                            overrelax=self.overrelax)
 
-    @torch.no_grad()
-    def sum_squared_error(self, users, items, ratings, chunk: int = 1 << 22) -> float:
-        """Σ (r − r̂)² of the current draw over the given ratings, by direct prediction (the
-        sweep gets the same number from its normal equations; this is the plain check)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.P.device)
-        for s in range(0, users.numel(), chunk):
-            u, i = users[s:s + chunk], items[s:s + chunk]
-            pred = self.mu + self.bu[u] + self.bi[i] + (self.P[u] * self.Q[i]).sum(1)
-            total += (ratings[s:s + chunk] - pred).double().pow(2).sum()
-        return float(total)
-
     def current_state(self) -> dict[str, torch.Tensor]:
         """The current draw as the five model tensors."""
         return {"user_factors": self.P, "item_factors": self.Q, "user_bias": self.bu,

@@ -37,10 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
         add_launcher_arguments(parser, TORCHRUN_MODULE)
 
 
-# ------------------------------------------------------------------------------------------
-# the command
-# ------------------------------------------------------------------------------------------
-
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted config overrides of the command-line options that were given."""
     return {"data.path": getattr(args, "ratings", None), "data.dedupe": getattr(args, "dedupe", None),
