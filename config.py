@@ -103,7 +103,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     """sgd | adam | adagrad | sparse_adam (gradient solvers only)."""
     kernel: str = "torch"
-    """torch | fused (Triton fused update on CUDA; falls back to torch elsewhere)."""
+    """torch | fused (Triton kernels on CUDA for solver sgd with optimizer sgd or sparse_adam; elsewhere the torch twin, with a warning)."""
     lr: float = 0.01
     """Learning rate."""
     lr_decay: float = 1.0
@@ -358,3 +358,8 @@ def validate(cfg: Config, where: str) -> None:
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{where}: {key} is out of range")
+    t = cfg.train
+    if t.kernel == "fused" and (t.solver != "sgd" or t.optimizer not in ("sgd", "sparse_adam")):
+        what = t.solver if t.solver != "sgd" else f"optimizer {t.optimizer!r}"
+        raise ConfigError(f"{where}: train.kernel = 'fused' has kernels for solver 'sgd' with "
+                          f"optimizer 'sgd' or 'sparse_adam', not {what}; use kernel = 'torch'")

@@ -5,11 +5,13 @@
 # The device machine has torch, triton, numpy, pyarrow, tqdm and pytest but no network and no
 # Ray, and ../shared does not travel: copy what is needed into an ignored folder and carry it:
 #   mkdir -p .dev && cp ../shared/tools/torch-baselines.py .dev/     (.dev/ is git-ignored)
-#   run(command="bash .ci/device-checks.sh", carry=[".dev"], timeout_s=580)
-# Stages, capped at 540 s together (one call may run 600 s): CUDA tests, the plain-torch
+#   bash ../shared/tools/ray-gpu-carry.sh                 (.whl-ray/, git-ignored, 43 MiB)
+#   run(command="bash .ci/device-checks.sh", carry=[".dev", ".whl-ray"], timeout_s=590)
+# Stages, capped at 570 s together (one call may run 600 s): CUDA tests, the plain-torch
 # baselines (BENCHMARKS.md reports ratios against them, so they run in the same call), the
-# kernels bench, the fill bench (600k, 1m), the synthetic-600k job via torchrun (nproc 1).
-# SKIP="tests train" (stage names, space separated) leaves stages out.
+# kernels bench, the fill bench (600k, 1m), and the synthetic-600k job end to end
+# (.ci/e2e-600k.sh: torchrun nproc 1, then Ray Train use_gpu when .whl-ray is carried).
+# SKIP="tests e2e" (stage names, space separated) leaves stages out.
 set -uo pipefail
 OUT=${OUT:-/tmp/svdfill-device}
 mkdir -p "$OUT"
@@ -32,14 +34,13 @@ stage() {  # stage NAME SECONDS CMD...: run with a cap, log to $OUT/NAME.log, ke
   > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 
-stage tests 120 python3 -m pytest -q -x -p no:cacheprovider -k "cuda or compile" \
+stage tests 100 python3 -m pytest -q -p no:cacheprovider -k "cuda or compile" \
   tests/test_fill.py tests/test_gibbs.py tests/test_triton_fill.py tests/test_triton_sgd.py \
-  tests/test_triton_util.py tests/test_sgd.py tests/test_world.py
-stage baselines 90 python3 .dev/torch-baselines.py
-stage kernels 120 python3 -m svdfill.launch.cli bench kernels --out "$OUT/kernels.jsonl"
-stage fill 90 python3 -m svdfill.launch.cli bench fill --device cuda --shape 600k --shape 1m \
+  tests/test_triton_adam.py tests/test_sparse_adam.py tests/test_triton_util.py \
+  tests/test_sgd.py tests/test_world.py
+stage baselines 80 python3 .dev/torch-baselines.py
+stage kernels 130 python3 -m svdfill.launch.cli bench kernels --out "$OUT/kernels.jsonl"
+stage fill 60 python3 -m svdfill.launch.cli bench fill --device cuda --shape 600k --shape 1m \
   --dtype bfloat16
-stage train 120 python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
-  --rdzv-endpoint=127.0.0.1:0 -m svdfill.launch.torchrun_train --config synthetic-600k \
-  --out /tmp/run600k --device cuda --quiet
+stage e2e 200 bash .ci/e2e-600k.sh
 exit 0

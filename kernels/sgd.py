@@ -93,6 +93,30 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise ValueError(f"RowSparseAdam: bad lr {lr}, betas {betas} or eps {eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
+    def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp_avg, exp_avg_sq)`` of parameter ``p`` (created as zeros, step 0, when new):
+        the tables the fused step (:mod:`svdfill.kernels.triton_adam`) updates in place, so
+        its state is this optimizer's and checkpoints do not depend on the kernel."""
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st["exp_avg"], st["exp_avg_sq"]
+
+    def advance(self) -> int:
+        """Count one step for every parameter, as :meth:`step` does; returns the new step
+        (the fused path's bias correction). Parameters must share one count."""
+        counts = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.moments(p)
+                self.state[p]["step"] += 1
+                counts.add(self.state[p]["step"])
+        if len(counts) != 1:
+            raise RuntimeError(f"RowSparseAdam.advance: parameters at different steps {counts}")
+        return counts.pop()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -110,11 +134,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 grad = grad.coalesce()
                 rows = grad._indices()[0]
                 values = grad._values()
+                self.moments(p)
                 st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1
                 if rows.numel() == 0:
                     continue

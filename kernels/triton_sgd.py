@@ -189,7 +189,7 @@ def fused_sgd_step(
     if n == 0:
         return
     d = user_factors.shape[1]
-    block_d = max(16, next_pow2(d))
+    block_d = max(4, next_pow2(d))  # = d for powers of two ≥ 4: 16-byte vector loads
     if block_n is None:
         block_n = max(16, min(1024, _ELEMS_PER_PROGRAM // block_d))
     elif block_n < 1 or block_n & (block_n - 1):
@@ -258,7 +258,7 @@ def fused_sgd_step_split(
 def compile_specs(d: int = 64) -> list[tuple[str, dict, dict, int]]:
     """(label, signature, constexprs, num_warps) of the variants the CUDA path launches for
     factor dimension ``d`` — for :func:`svdfill.kernels.triton_util.compile_report`."""
-    block_d = max(16, next_pow2(d))
+    block_d = max(4, next_pow2(d))  # = d for powers of two ≥ 4: 16-byte vector loads
     block_n = max(16, min(1024, _ELEMS_PER_PROGRAM // block_d))
     sig = {"P": "*fp32", "Q": "*fp32", "BU": "*fp32", "BI": "*fp32", "users_ptr": "*i32",
            "items_ptr": "*i32", "ratings_ptr": "*fp32", "PD": "*fp32", "BUD": "*fp32",

@@ -120,19 +120,32 @@ def _nested_jit_calls_interpreted():
     imported; if that happened before ``TRITON_INTERPRET=1`` was set, they are
     ``JITFunction`` objects whose ``__call__`` refuses to run outside a compiled kernel.
     For the duration of one interpreted launch, such calls are routed through the
-    interpreter (exactly what they would be had the variable been set before import).
+    interpreter (exactly what they would be had the variable been set before import), and
+    every language patch a call makes is undone when it returns.
     Process-global while active, hence the lock; only ever used in interpret mode.
     """
+    from triton.runtime import interpreter
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     cache: dict[Callable, InterpretedFunction] = {}
+    patch_lang = getattr(interpreter, "_patch_lang", None)
 
     def call(self, *args, **kwargs):
         fn = cache.get(self.fn)
         if fn is None:
             fn = cache[self.fn] = InterpretedFunction(self.fn)
-        return fn(*args, **kwargs)
+        if patch_lang is None:  # another triton layout: its own device-call path
+            return fn(*args, **kwargs)
+        # InterpretedFunction.__call__ patches triton.language for the helper and never
+        # undoes it (triton 3.9), which broke later *compiles* in the same process (a
+        # tensor method left in interpreter form). Same steps, with the patch undone on the
+        # way out, nested inside the launch's own patch.
+        scope = patch_lang(self.fn)
+        try:
+            return fn.rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     with _PATCH_LOCK:
         saved = JITFunction.__call__

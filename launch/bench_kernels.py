@@ -7,8 +7,11 @@ Every figure is also appended as one JSON object per line to ``--out`` (for BENC
 
 Shapes (``--shapes``):
   * ``train-100m``: 100M planted ratings, 600k users × 3k items, d=64, batch 1M; per-epoch
-    time of ``kernels.sgd.sgd_step`` vs ``fused_sgd_step`` (atomics, and plain stores), and
-    the validation RMSE each reaches after the same epochs from the same init.
+    time of ``kernels.sgd.sgd_step`` vs ``fused_sgd_step`` (atomics, and plain stores), then
+    lazy Adam (the synthetic-600k recipe) as the trainer's autograd + RowSparseAdam path,
+    its torch twin without autograd (``kernels.sparse_adam``) and the fused kernels
+    (``kernels.triton_adam``), each against its own floor; and the validation RMSE each
+    reaches after the same epochs from the same init.
   * ``train-ml1m``: the MovieLens-1M shape (6,040 × 3,706, 1,000,209 ratings, 90/10), d=64,
     batch 1,024 (the config default): same columns.
   * ``fill-1m``: 1M users × 1M items × d=128, top-100, ~100 seen items per user excluded;
@@ -190,7 +193,7 @@ def _planted_ratings(torch, device, n_users, n_items, n, *, rank=8, noise=0.5, s
 
 
 def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items, n, batch,
-                 epochs, lr):
+                 epochs, lr, adam_lr):
     from svdfill.kernels.triton_sgd import fused_sgd_step
 
     try:
@@ -218,14 +221,11 @@ def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items,
                 0.01 * torch.randn(n_items, d, device=device, generator=g),
                 torch.zeros(n_users, device=device), torch.zeros(n_items, device=device))
 
-    impls = [("torch sgd_step", sgd_step, {}, torch.int64),
-             ("fused (atomics)", fused_sgd_step, {"atomics": True}, torch.int32),
-             ("fused (plain Hogwild stores)", fused_sgd_step, {"atomics": False}, torch.int32)]
-    for cfg in _configs(args.sgd_blocks, 2):
-        impls.append((f"fused (atomics) {cfg[0]}x{cfg[1]}", fused_sgd_step,
-                      {"atomics": True, "block_n": cfg[0], "num_warps": cfg[1]}, torch.int32))
-    for label, step, extra, idx_dtype in impls:
+    def epochs_of(label, make_step, idx_dtype, floor_s, hp):
+        """Time ``epochs`` epochs of ``make_step(P, Q, bu, bi)`` (→ step(u, i, r)) from the
+        same init and orders; report the median epoch and the validation RMSE reached."""
         P, Q, bu, bi = init()
+        step = make_step(P, Q, bu, bi)
         eu, ei = tu.to(idx_dtype), ti.to(idx_dtype)
         times = []
         for epoch in range(epochs):
@@ -236,8 +236,7 @@ def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items,
 
             def run_epoch():
                 for lo in range(0, n_train, batch):
-                    step(P, Q, bu, bi, mu, su[lo: lo + batch], si[lo: lo + batch],
-                         sr[lo: lo + batch], lr=lr, reg_factors=0.02, reg_bias=0.01, **extra)
+                    step(su[lo: lo + batch], si[lo: lo + batch], sr[lo: lo + batch])
 
             timer.sync()
             times.append(timer.once(run_epoch))
@@ -245,9 +244,84 @@ def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items,
         rmse = float(((pred - vr) ** 2).mean().sqrt())
         # the first epoch includes compilation; the median of the rest is the figure
         t = statistics.median(times[1:]) if len(times) > 1 else times[0]
-        report.add(name, label, t, n_train, "ratings", floor, val_rmse=rmse, epochs=epochs,
-                   batch=batch, lr=lr, note=f"val RMSE {rmse:.4f} after {epochs} epochs")
-        del P, Q, bu, bi, eu, ei
+        report.add(name, label, t, n_train, "ratings", floor_s, val_rmse=rmse, epochs=epochs,
+                   batch=batch, note=f"val RMSE {rmse:.4f} after {epochs} epochs", **hp)
+
+    def sgd(fn, **extra):
+        return lambda P, Q, bu, bi: lambda u, i, r: fn(P, Q, bu, bi, mu, u, i, r, lr=lr,
+                                                      reg_factors=0.02, reg_bias=0.01, **extra)
+
+    impls = [("torch sgd_step", sgd(sgd_step), torch.int64),
+             ("fused (atomics)", sgd(fused_sgd_step, atomics=True), torch.int32),
+             ("fused (plain Hogwild stores)", sgd(fused_sgd_step, atomics=False), torch.int32)]
+    for cfg in _configs(args.sgd_blocks, 2):
+        impls.append((f"fused (atomics) {cfg[0]}x{cfg[1]}",
+                      sgd(fused_sgd_step, atomics=True, block_n=cfg[0], num_warps=cfg[1]),
+                      torch.int32))
+    for label, make_step, idx_dtype in impls:
+        epochs_of(label, make_step, idx_dtype, floor, {"lr": lr, "optimizer": "sgd"})
+
+    # lazy Adam (the large-batch recipe of configs/synthetic-600k.toml): the trainer's
+    # autograd path, its torch twin without autograd, and the two fused kernels
+    # per rating: gathers of p_u, q_i and the atomic adds into their sums; per touched row
+    # (expected distinct rows of a uniform batch) 4 tables read + written: w, m, v, sum
+    touched = sum(rows * -math.expm1(-batch / rows) for rows in (n_users, n_items))
+    adam_bytes = 4 * d * 4 + touched / batch * 8 * d * 4 + 12
+    adam_floor = n_train * adam_bytes / bw
+    report.add(name, f"floor (Adam): {adam_bytes:.0f} B/rating", adam_floor, n_train, "ratings",
+               adam_floor, note="gathers + sums + moments of the touched rows, at copy speed")
+    for label, make_step, idx_dtype in _adam_impls(torch, mu, adam_lr):
+        epochs_of(label, make_step, idx_dtype, adam_floor, {"lr": adam_lr, "optimizer": "sparse_adam"})
+
+
+def _adam_impls(torch, mu, lr):
+    """(label, make_step, id dtype) of the lazy-Adam implementations; the loss is the
+    trainer's (summed squared errors + L2 per occurrence, ÷ the batch size)."""
+    from svdfill.kernels.model import BiasedMF
+    from svdfill.kernels.sgd import RowSparseAdam
+    from svdfill.kernels.sparse_adam import RowAdamSide, accumulate_gradients, apply_adam
+    from svdfill.kernels.triton_adam import fused_accumulate_gradients, fused_apply_adam
+
+    reg_f, reg_b = 0.02, 0.01
+
+    def as_model(P, Q, bu, bi):
+        m = BiasedMF(0, 0, 0, sparse=True)
+        m.user_factors, m.item_factors = torch.nn.Parameter(P), torch.nn.Parameter(Q)
+        m.user_bias, m.item_bias = torch.nn.Parameter(bu), torch.nn.Parameter(bi)
+        m.global_mean.fill_(mu)
+        return m
+
+    def autograd(P, Q, bu, bi):
+        m = as_model(P, Q, bu, bi)
+        opt = RowSparseAdam(list(m.parameters()), lr=lr)
+
+        def step(u, i, r):
+            with torch.enable_grad():
+                opt.zero_grad(set_to_none=True)
+                pred, pen = m(u, i, reg=(reg_f, reg_b))
+                (0.5 * (((r - pred) ** 2).sum() + pen) / r.shape[0]).backward()
+            opt.step()
+        return step
+
+    def direct(accumulate, apply):
+        def make(P, Q, bu, bi):
+            m = as_model(P, Q, bu, bi)
+            opt = RowSparseAdam(list(m.parameters()), lr=lr)
+            sides = (RowAdamSide.of(P, bu, *opt.moments(m.user_factors), *opt.moments(m.user_bias)),
+                     RowAdamSide.of(Q, bi, *opt.moments(m.item_factors), *opt.moments(m.item_bias)))
+
+            def step(u, i, r):
+                accumulate(*sides, mu, u, i, r, reg_factors=reg_f, reg_bias=reg_b,
+                           scale=1.0 / r.shape[0])
+                t = opt.advance()
+                for side in sides:
+                    apply(side, lr=lr, step=t)
+            return step
+        return make
+
+    return [("torch sparse Adam (autograd)", autograd, torch.int64),
+            ("torch lazy Adam (no autograd)", direct(accumulate_gradients, apply_adam), torch.int64),
+            ("fused lazy Adam", direct(fused_accumulate_gradients, fused_apply_adam), torch.int32)]
 
 
 # ----------------------------------------------------------------------------- fill
@@ -363,10 +437,12 @@ def _configs(text: str, n: int) -> list[tuple[int, ...]]:
 
 def _compile_report(report_lines: list[str]) -> None:
     """Ahead-of-time sm_90 compiles of every variant: registers, spills, wgmma."""
-    from svdfill.kernels import triton_fill, triton_sgd
+    from svdfill.kernels import triton_adam, triton_fill, triton_sgd
     from svdfill.kernels.triton_util import compile_report
 
-    specs = [(triton_sgd._sgd_kernel, s) for d in (64, 128) for s in triton_sgd.compile_specs(d)]
+    specs = [(triton_sgd._sgd_kernel, s) for d in (8, 64, 128) for s in triton_sgd.compile_specs(d)]
+    specs += [(fn, (label, sig, const, warps)) for d in (8, 64, 128)
+              for label, fn, sig, const, warps in triton_adam.compile_specs(d)]
     specs += [(triton_fill._fill_kernel, s) for k, d in ((100, 128), (100, 64), (10, 64), (256, 128))
               for s in triton_fill.compile_specs(k, d)]
     report_lines.append(f"{'kernel variant (sm_90)':<40} {'regs':>5} {'stack B':>8} "
@@ -440,17 +516,19 @@ def _main(args: argparse.Namespace) -> int:
             if shape == "train-100m":
                 if args.smoke:
                     _bench_train(torch, timer, report, args, device, bw, shape, 500, 100,
-                                 5000, 1024, args.epochs or 2, lr=0.005)
+                                 5000, 1024, args.epochs or 2, lr=0.005, adam_lr=0.01)
                 else:
                     _bench_train(torch, timer, report, args, device, bw, shape, 600_000, 3000,
-                                 100_000_000, 1 << 20, args.epochs or 3, lr=0.005)
+                                 100_000_000, 1 << 20, args.epochs or 3, lr=0.005,
+                                 adam_lr=0.01)
             elif shape == "train-ml1m":
                 if args.smoke:
                     _bench_train(torch, timer, report, args, device, bw, shape, 604, 371,
-                                 3000, 1024, args.epochs or 2, lr=0.01)
+                                 3000, 1024, args.epochs or 2, lr=0.01, adam_lr=0.003)
                 else:
                     _bench_train(torch, timer, report, args, device, bw, shape, 6040, 3706,
-                                 1_000_209, 1024, args.epochs or 15, lr=0.01)
+                                 1_000_209, 1024, args.epochs or 15, lr=0.01,
+                                 adam_lr=0.003)
             elif shape == "fill-1m":
                 if args.smoke:
                     _bench_fill(torch, timer, report, args, device, bw, shape, 100, 300, 16, 10, 20)

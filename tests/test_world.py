@@ -151,6 +151,36 @@ def _ddp_step(rank: int, world_size: int, sparse: bool) -> None:
         torch.testing.assert_close(mine.item_bias, ref.item_bias[lo:hi], rtol=1e-5, atol=1e-6)
 
 
+def _sparse_adam_fits(rank: int, world_size: int) -> None:
+    """sparse_adam at W=2 both ways the trainer syncs the user rows — DDP over autograd's
+    sparse gradients (gloo) and the dense all-reduce of kernels.sparse_adam's sums (what
+    nccl gets) — gives one result."""
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.distributed.sharding import even_shards
+    from svdfill.launch.trainer import fit
+    from test_sparse_adam import _trainer_cfg
+
+    cfg = _trainer_cfg()
+    train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
+    ref = fit(cfg, train, val, quiet=True)
+    shards = even_shards(train.n_items, world_size)
+    runs = [fit(cfg, train, val, DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards,
+                                           sparse_users=sparse), quiet=True)
+            for sparse in (True, False)]
+    # the same W=2 batches either way: equal up to float summation order
+    for a, b in zip(*(r.history for r in runs)):
+        assert abs(a["val_rmse"] - b["val_rmse"]) < 1e-5, (a, b)
+    if rank == 0:
+        for k in ref.state:
+            torch.testing.assert_close(runs[1].state[k], runs[0].state[k], rtol=1e-4, atol=1e-5,
+                                       msg=k)
+    # batch_size is per rank: W=2 takes half the steps of twice the size, so it is not the
+    # one-process run; it learns as that one does
+    for r in (ref, runs[1]):
+        assert r.summary["val_rmse"] < r.history[0]["val_rmse"] - 0.005
+
+
 def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
     """Everything in one process group (spawning costs more than the checks)."""
     try:
@@ -158,6 +188,7 @@ def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
         _collectives(rank, world_size)
         _ddp_step(rank, world_size, sparse=False)  # dense all-reduce (what nccl does)
         _ddp_step(rank, world_size, sparse=True)   # gloo's sparse all-reduce
+        _sparse_adam_fits(rank, world_size)
     except BaseException:  # pragma: no cover - reported to the parent
         errors.put(f"rank {rank}: {traceback.format_exc()}")
     finally:
@@ -168,8 +199,9 @@ def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
 @pytest.mark.multiprocess
 def test_gloo_world_collectives_gathers_and_ddp():
     """Real 2-process gloo group: all-reduce, max, broadcast, item-table gather with uneven
-    shards, shard top-k gather + merge, and a DDP step (dense and sparse) that equals the
-    single-process step over the union of the ranks' batches."""
+    shards, shard top-k gather + merge, a DDP step (dense and sparse) that equals the
+    single-process step over the union of the ranks' batches, and sparse_adam training at
+    W=2 (sparse DDP and dense sums) equal to one process."""
     _run(_all_checks)
 
 
@@ -212,6 +244,19 @@ def _nccl_checks(rank: int, world_size: int, port: int, errors) -> None:
         wrapped = w.wrap(m)  # dense DDP over the user table on nccl
         wrapped(torch.tensor([0, 1], device=dev), torch.tensor([0, 1], device=dev)).sum().backward()
         assert m.user_factors.grad is not None and not m.user_factors.grad.is_sparse
+        # sparse_adam on nccl: the user sums travel densely (DDP cannot carry sparse grads)
+        from svdfill.config import apply_overrides
+        from svdfill.data.dataset import load_dataset
+        from svdfill.data.split import split
+        from svdfill.distributed.sharding import even_shards
+        from svdfill.launch.trainer import fit
+        from test_sparse_adam import _trainer_cfg
+
+        cfg = apply_overrides(_trainer_cfg(), {"train.kernel": "fused", "train.device": "cuda"})
+        train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
+        res = fit(cfg, train, val, w.with_shards(even_shards(train.n_items, world_size)),
+                  quiet=True)
+        assert res.summary["val_rmse"] < res.history[0]["val_rmse"] - 0.005
         w.barrier()
     except BaseException:  # pragma: no cover
         errors.put(f"rank {rank}: {traceback.format_exc()}")

@@ -1,0 +1,152 @@
+"""Lazy (row-sparse) Adam for biased MF without autograd: one step = gradient sums, then
+the moment update of the rows the batch touched.
+
+The loss of a batch is ``scale · ½ (Σ e² + Σ λ_f(‖p_u‖² + ‖q_i‖²) + λ_b(b_u² + b_i²))`` with
+``e = r − (μ + b_u + b_i + p_u·q_i)`` — the trainer's autograd loss. Its gradient rows are
+written analytically:
+
+    ∂/∂p_u = scale · Σ_(ratings of u) (λ_f p_u − e q_i)     (likewise q_i, b_u, b_i)
+
+and every touched row then takes :class:`svdfill.kernels.sgd.RowSparseAdam`'s update
+(= ``torch.optim.SparseAdam``): moments of untouched rows stay, bias correction uses the
+optimizer's global step. Two phases instead of one, because Adam needs a row's *summed*
+gradient before it can move the row:
+
+1. :func:`accumulate_gradients` adds the batch's gradient rows to per-side sums
+   (``RowAdamSide.factors_grad`` …) and marks the rows in ``touched``;
+2. :func:`apply_adam` updates the touched rows from their sums, then clears sums and marks.
+
+Between the two, an item-sharded world all-reduces the user side's sums and marks (the user
+tables are replicated), which makes a step of W ranks the single-process step over the union
+of their batches — a dense all-reduce that works on every backend, nccl included.
+
+This module is the exact torch twin of :mod:`svdfill.kernels.triton_adam` (the fused CUDA
+kernels, same functions and arguments).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from svdfill.kernels.sgd import _errors
+
+
+@dataclass
+class RowAdamSide:
+    """One side (users or items) of a biased-MF model under lazy Adam.
+
+    factors float32 [R, d] and bias float32 [R]: the parameters, updated in place.
+    factors_m / factors_v [R, d], bias_m / bias_v [R]: Adam's first and second moments
+    (``exp_avg`` / ``exp_avg_sq`` of the optimizer state, shared, not copied).
+    factors_grad [R, d], bias_grad [R]: the step's gradient sums, all zero between steps.
+    touched int32 [R]: nonzero for the rows the step's batch contains, zero between steps.
+    All contiguous, on one device.
+    """
+
+    factors: torch.Tensor
+    bias: torch.Tensor
+    factors_m: torch.Tensor
+    factors_v: torch.Tensor
+    bias_m: torch.Tensor
+    bias_v: torch.Tensor
+    factors_grad: torch.Tensor
+    bias_grad: torch.Tensor
+    touched: torch.Tensor
+
+    @classmethod
+    def of(cls, factors: torch.Tensor, bias: torch.Tensor, factors_m: torch.Tensor,
+           factors_v: torch.Tensor, bias_m: torch.Tensor, bias_v: torch.Tensor) -> "RowAdamSide":
+        """The side of existing parameters and moments, with fresh (zero) scratch."""
+        side = cls(factors, bias, factors_m, factors_v, bias_m, bias_v,
+                   torch.zeros_like(factors), torch.zeros_like(bias),
+                   torch.zeros(factors.shape[0], dtype=torch.int32, device=factors.device))
+        side.check()
+        return side
+
+    @property
+    def rows(self) -> int:
+        return int(self.factors.shape[0])
+
+    def check(self) -> None:
+        R = self.rows
+        if self.factors.dim() != 2:
+            raise ValueError(f"RowAdamSide: factors must be [R, d], got {tuple(self.factors.shape)}")
+        for name in ("factors", "factors_m", "factors_v", "factors_grad", "bias", "bias_m",
+                     "bias_v", "bias_grad", "touched"):
+            t = getattr(self, name)
+            want = self.factors.shape if name.startswith("factors") else (R,)
+            dtype = torch.int32 if name == "touched" else torch.float32
+            if tuple(t.shape) != tuple(want) or t.dtype != dtype:
+                raise ValueError(f"RowAdamSide: {name} must be {dtype} {tuple(want)}, got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+            if not t.is_contiguous() or t.device != self.factors.device:
+                raise ValueError(f"RowAdamSide: {name} must be contiguous on {self.factors.device}")
+
+
+def step_size(lr: float, step: int, betas: tuple[float, float]) -> float:
+    """Adam's bias-corrected step ``lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for step ``t ≥ 1``."""
+    if step < 1:
+        raise ValueError(f"Adam step counts from 1, got {step}")
+    beta1, beta2 = betas
+    return lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+
+
+@torch.no_grad()
+def accumulate_gradients(user_side: RowAdamSide, item_side: RowAdamSide,
+                         global_mean: float | torch.Tensor, users: torch.Tensor,
+                         items: torch.Tensor, ratings: torch.Tensor, *, reg_factors: float,
+                         reg_bias: float, scale: float) -> None:
+    """Add one batch's loss gradient to both sides' sums and mark its rows.
+
+    users int32/int64 [n] (rows of the user side), items [n] (rows of the item side, local
+    to a shard), ratings float32 [n]. Reads the parameters only: call it as often as
+    wanted before :func:`apply_adam` (sums accumulate).
+    """
+    users = users.long()
+    items = items.long()
+    p, q, b_u, b_i, e = _errors(user_side.factors, item_side.factors, user_side.bias,
+                                item_side.bias, global_mean, users, items, ratings)
+    ec = e.unsqueeze(1)
+    user_side.factors_grad.index_add_(0, users, (reg_factors * p - ec * q).mul_(scale))
+    item_side.factors_grad.index_add_(0, items, (reg_factors * q - ec * p).mul_(scale))
+    user_side.bias_grad.index_add_(0, users, (reg_bias * b_u - e).mul_(scale))
+    item_side.bias_grad.index_add_(0, items, (reg_bias * b_i - e).mul_(scale))
+    user_side.touched.index_fill_(0, users, 1)
+    item_side.touched.index_fill_(0, items, 1)
+
+
+def _adam_rows(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+               rows: torch.Tensor, size: float, beta1: float, beta2: float, eps: float) -> None:
+    # RowSparseAdam's arithmetic, operation for operation (the tests compare bitwise on CPU)
+    grad = g.index_select(0, rows)
+    m_new = m.index_select(0, rows)
+    m_new = m_new + (grad - m_new) * (1 - beta1)
+    v_new = v.index_select(0, rows)
+    v_new = v_new + (grad * grad - v_new) * (1 - beta2)
+    m.index_copy_(0, rows, m_new)
+    v.index_copy_(0, rows, v_new)
+    w.index_add_(0, rows, m_new / (v_new.sqrt() + eps) * (-size))
+    g.index_fill_(0, rows, 0.0)
+
+
+@torch.no_grad()
+def apply_adam(side: RowAdamSide, *, lr: float, step: int,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """Lazy-Adam update of the touched rows of ``side`` (factors and bias), in place, with
+    the optimizer's step count ``step`` (≥ 1, already incremented for this step); then the
+    sums and marks of those rows are zero again."""
+    rows = side.touched.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    size = step_size(lr, step, betas)
+    beta1, beta2 = betas
+    _adam_rows(side.factors, side.factors_m, side.factors_v, side.factors_grad, rows, size,
+               beta1, beta2, eps)
+    _adam_rows(side.bias, side.bias_m, side.bias_v, side.bias_grad, rows, size, beta1, beta2, eps)
+    side.touched.zero_()
+
+
+__all__ = ["RowAdamSide", "accumulate_gradients", "apply_adam", "step_size"]
