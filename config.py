@@ -103,7 +103,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     """sgd | adam | adagrad | sparse_adam (gradient solvers only)."""
     kernel: str = "torch"
-    """torch | fused (Triton kernels on CUDA for solver sgd with optimizer sgd or sparse_adam; elsewhere the torch twin, with a warning)."""
+    """torch | fused (Triton kernels on CUDA for solver sgd with optimizer sgd, sparse_adam or adagrad; elsewhere the torch twin, with a warning)."""
     lr: float = 0.01
     """Learning rate."""
     lr_decay: float = 1.0
@@ -359,7 +359,13 @@ def validate(cfg: Config, where: str) -> None:
         if not ok:
             raise ConfigError(f"{where}: {key} is out of range")
     t = cfg.train
-    if t.kernel == "fused" and (t.solver != "sgd" or t.optimizer not in ("sgd", "sparse_adam")):
+    if t.kernel == "fused" and (t.solver != "sgd"
+                                or t.optimizer not in ("sgd", "sparse_adam", "adagrad")):
         what = t.solver if t.solver != "sgd" else f"optimizer {t.optimizer!r}"
         raise ConfigError(f"{where}: train.kernel = 'fused' has kernels for solver 'sgd' with "
-                          f"optimizer 'sgd' or 'sparse_adam', not {what}; use kernel = 'torch'")
+                          f"optimizer 'sgd', 'sparse_adam' or 'adagrad', not {what}; use "
+                          "kernel = 'torch'")
+    if t.kernel == "fused" and t.optimizer == "adagrad" and t.weight_decay > 0:
+        # torch's Adagrad decays every row every step; the fused step moves touched rows only
+        raise ConfigError(f"{where}: train.kernel = 'fused' with optimizer 'adagrad' needs "
+                          "train.weight_decay = 0 (reg_factors / reg_bias regularize per rating)")

@@ -95,7 +95,7 @@ class RowSparseAdam(torch.optim.Optimizer):
 
     def moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(exp_avg, exp_avg_sq)`` of parameter ``p`` (created as zeros, step 0, when new):
-        the tables the fused step (:mod:`svdfill.kernels.triton_adam`) updates in place, so
+        the tables the fused step (:mod:`svdfill.kernels.triton_row_optim`) updates in place, so
         its state is this optimizer's and checkpoints do not depend on the kernel."""
         st = self.state[p]
         if not st:

@@ -9,9 +9,10 @@ Shapes (``--shapes``):
   * ``train-100m``: 100M planted ratings, 600k users × 3k items, d=64, batch 1M; per-epoch
     time of ``kernels.sgd.sgd_step`` vs ``fused_sgd_step`` (atomics, and plain stores), then
     lazy Adam (the synthetic-600k recipe) as the trainer's autograd + RowSparseAdam path,
-    its torch twin without autograd (``kernels.sparse_adam``) and the fused kernels
-    (``kernels.triton_adam``), each against its own floor; and the validation RMSE each
-    reaches after the same epochs from the same init.
+    its torch twin without autograd (``kernels.row_optim``) and the fused kernels
+    (``kernels.triton_row_optim``), then torch's dense Adagrad vs the fused one, each
+    optimizer against its own floor; and the validation RMSE each reaches after the same
+    epochs from the same init.
   * ``train-ml1m``: the MovieLens-1M shape (6,040 × 3,706, 1,000,209 ratings, 90/10), d=64,
     batch 1,024 (the config default): same columns.
   * ``fill-1m``: 1M users × 1M items × d=128, top-100, ~100 seen items per user excluded;
@@ -19,8 +20,10 @@ Shapes (``--shapes``):
     (tiles, scaled), and the fused fill over all users, per compute dtype; agreement of the
     fused and torch top-k on a user sample.
 
-Needs CUDA. Without it, the command says so and exits 0; ``--smoke`` instead runs tiny
-shapes through Triton's interpreter on the CPU (checks the plumbing, times mean nothing).
+Needs CUDA for the fused rows. Without it, the command says so and exits 0; ``--smoke``
+instead runs tiny shapes through Triton's interpreter on the CPU (checks the plumbing, times
+mean nothing), and ``--device cpu`` times the torch implementations alone at full size
+(``train-ml1m``: what the CPU trainer's lazy-Adam path gains over autograd).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(SHAPES)} (default: all)")
     parser.add_argument("--out", type=Path, default=None,
                         help="append every figure as a JSON line to this file")
-    parser.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    parser.add_argument("--device", default="cuda",
+                        help="CUDA device (default: cuda), or cpu for the torch rows only")
     parser.add_argument("--smoke", action="store_true",
                         help="no GPU: run tiny shapes through Triton's interpreter on the CPU")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median)")
@@ -195,6 +199,7 @@ def _planted_ratings(torch, device, n_users, n_items, n, *, rank=8, noise=0.5, s
 def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items, n, batch,
                  epochs, lr, adam_lr):
     from svdfill.kernels.triton_sgd import fused_sgd_step
+    from svdfill.kernels.triton_util import triton_mode
 
     try:
         from svdfill.kernels.sgd import sgd_step
@@ -258,70 +263,93 @@ def _bench_train(torch, timer, report, args, device, bw, name, n_users, n_items,
         impls.append((f"fused (atomics) {cfg[0]}x{cfg[1]}",
                       sgd(fused_sgd_step, atomics=True, block_n=cfg[0], num_warps=cfg[1]),
                       torch.int32))
+    fused_here = triton_mode(device) is not None  # else the fused rows would time torch
     for label, make_step, idx_dtype in impls:
-        epochs_of(label, make_step, idx_dtype, floor, {"lr": lr, "optimizer": "sgd"})
+        if fused_here or not label.startswith("fused"):
+            epochs_of(label, make_step, idx_dtype, floor, {"lr": lr, "optimizer": "sgd"})
 
-    # lazy Adam (the large-batch recipe of configs/synthetic-600k.toml): the trainer's
-    # autograd path, its torch twin without autograd, and the two fused kernels
-    # per rating: gathers of p_u, q_i and the atomic adds into their sums; per touched row
-    # (expected distinct rows of a uniform batch) 4 tables read + written: w, m, v, sum
+    # row-sparse optimizers: lazy Adam (the large-batch recipe of configs/synthetic-600k.toml)
+    # as the trainer's autograd path, its torch twin without autograd and the two fused
+    # kernels; Adagrad as torch's dense optimizer over autograd and fused. Per rating: gathers
+    # of p_u, q_i and the atomic adds into their sums; per touched row (expected distinct rows
+    # of a uniform batch) the tables read + written: w, state (2 for Adam), sum
     touched = sum(rows * -math.expm1(-batch / rows) for rows in (n_users, n_items))
-    adam_bytes = 4 * d * 4 + touched / batch * 8 * d * 4 + 12
-    adam_floor = n_train * adam_bytes / bw
-    report.add(name, f"floor (Adam): {adam_bytes:.0f} B/rating", adam_floor, n_train, "ratings",
-               adam_floor, note="gathers + sums + moments of the touched rows, at copy speed")
-    for label, make_step, idx_dtype in _adam_impls(torch, mu, adam_lr):
-        epochs_of(label, make_step, idx_dtype, adam_floor, {"lr": adam_lr, "optimizer": "sparse_adam"})
+    for opt, tables, opt_lr in (("sparse_adam", 4, adam_lr), ("adagrad", 3, 5 * adam_lr)):
+        per = 4 * d * 4 + touched / batch * 2 * tables * d * 4 + 12
+        opt_floor = n_train * per / bw
+        report.add(name, f"floor ({opt}): {per:.0f} B/rating", opt_floor, n_train, "ratings",
+                   opt_floor, note="gathers + sums + state of the touched rows, at copy speed")
+        for label, make_step, idx_dtype in _row_impls(torch, mu, opt_lr, opt):
+            if fused_here or not label.startswith("fused"):
+                epochs_of(label, make_step, idx_dtype, opt_floor, {"lr": opt_lr, "optimizer": opt})
 
 
-def _adam_impls(torch, mu, lr):
-    """(label, make_step, id dtype) of the lazy-Adam implementations; the loss is the
-    trainer's (summed squared errors + L2 per occurrence, ÷ the batch size)."""
+def _row_impls(torch, mu, lr, optimizer):
+    """(label, make_step, id dtype) of the implementations of one row-sparse optimizer
+    (``sparse_adam`` or ``adagrad``); the loss is the trainer's (summed squared errors + L2
+    per occurrence, ÷ the batch size)."""
+    from svdfill.kernels import row_optim, triton_row_optim
     from svdfill.kernels.model import BiasedMF
+    from svdfill.kernels.row_optim import RowSide
     from svdfill.kernels.sgd import RowSparseAdam
-    from svdfill.kernels.sparse_adam import RowAdamSide, accumulate_gradients, apply_adam
-    from svdfill.kernels.triton_adam import fused_accumulate_gradients, fused_apply_adam
 
     reg_f, reg_b = 0.02, 0.01
+    adam = optimizer == "sparse_adam"
 
     def as_model(P, Q, bu, bi):
-        m = BiasedMF(0, 0, 0, sparse=True)
+        m = BiasedMF(0, 0, 0, sparse=adam)
         m.user_factors, m.item_factors = torch.nn.Parameter(P), torch.nn.Parameter(Q)
         m.user_bias, m.item_bias = torch.nn.Parameter(bu), torch.nn.Parameter(bi)
         m.global_mean.fill_(mu)
         return m
 
+    def optimizer_of(m):
+        params = list(m.parameters())
+        return RowSparseAdam(params, lr=lr) if adam else torch.optim.Adagrad(params, lr=lr)
+
     def autograd(P, Q, bu, bi):
         m = as_model(P, Q, bu, bi)
-        opt = RowSparseAdam(list(m.parameters()), lr=lr)
+        opt = optimizer_of(m)
 
         def step(u, i, r):
             with torch.enable_grad():
                 opt.zero_grad(set_to_none=True)
                 pred, pen = m(u, i, reg=(reg_f, reg_b))
                 (0.5 * (((r - pred) ** 2).sum() + pen) / r.shape[0]).backward()
-            opt.step()
+                opt.step()
         return step
 
     def direct(accumulate, apply):
         def make(P, Q, bu, bi):
             m = as_model(P, Q, bu, bi)
-            opt = RowSparseAdam(list(m.parameters()), lr=lr)
-            sides = (RowAdamSide.of(P, bu, *opt.moments(m.user_factors), *opt.moments(m.user_bias)),
-                     RowAdamSide.of(Q, bi, *opt.moments(m.item_factors), *opt.moments(m.item_bias)))
+            opt = optimizer_of(m)
+
+            def state(p):
+                return opt.moments(p) if adam else (opt.state[p]["sum"],) * 2
+
+            sides = (RowSide.of(P, bu, *state(m.user_factors), *state(m.user_bias)),
+                     RowSide.of(Q, bi, *state(m.item_factors), *state(m.item_bias)))
+            count = [0]
 
             def step(u, i, r):
                 accumulate(*sides, mu, u, i, r, reg_factors=reg_f, reg_bias=reg_b,
                            scale=1.0 / r.shape[0])
-                t = opt.advance()
+                count[0] += 1
                 for side in sides:
-                    apply(side, lr=lr, step=t)
+                    apply(side, lr=lr, step=count[0])
             return step
         return make
 
-    return [("torch sparse Adam (autograd)", autograd, torch.int64),
-            ("torch lazy Adam (no autograd)", direct(accumulate_gradients, apply_adam), torch.int64),
-            ("fused lazy Adam", direct(fused_accumulate_gradients, fused_apply_adam), torch.int32)]
+    k = triton_row_optim
+    if adam:
+        return [("torch sparse Adam (autograd)", autograd, torch.int64),
+                ("torch lazy Adam (no autograd)",
+                 direct(row_optim.accumulate_gradients, row_optim.apply_adam), torch.int64),
+                ("fused lazy Adam", direct(k.fused_accumulate_gradients, k.fused_apply_adam),
+                 torch.int32)]
+    return [("torch Adagrad (autograd, dense)", autograd, torch.int64),
+            ("fused Adagrad (touched rows)",
+             direct(k.fused_accumulate_gradients, k.fused_apply_adagrad), torch.int32)]
 
 
 # ----------------------------------------------------------------------------- fill
@@ -437,12 +465,12 @@ def _configs(text: str, n: int) -> list[tuple[int, ...]]:
 
 def _compile_report(report_lines: list[str]) -> None:
     """Ahead-of-time sm_90 compiles of every variant: registers, spills, wgmma."""
-    from svdfill.kernels import triton_adam, triton_fill, triton_sgd
+    from svdfill.kernels import triton_row_optim, triton_fill, triton_sgd
     from svdfill.kernels.triton_util import compile_report
 
     specs = [(triton_sgd._sgd_kernel, s) for d in (8, 64, 128) for s in triton_sgd.compile_specs(d)]
     specs += [(fn, (label, sig, const, warps)) for d in (8, 64, 128)
-              for label, fn, sig, const, warps in triton_adam.compile_specs(d)]
+              for label, fn, sig, const, warps in triton_row_optim.compile_specs(d)]
     specs += [(triton_fill._fill_kernel, s) for k, d in ((100, 128), (100, 64), (10, 64), (256, 128))
               for s in triton_fill.compile_specs(k, d)]
     report_lines.append(f"{'kernel variant (sm_90)':<40} {'regs':>5} {'stack B':>8} "
@@ -496,6 +524,14 @@ def _main(args: argparse.Namespace) -> int:
     if args.smoke:
         device = torch.device("cpu")
         device_name = "cpu (Triton interpreter; smoke run, times are not performance)"
+    elif torch.device(args.device).type == "cpu":
+        device = torch.device("cpu")
+        device_name = f"cpu ({torch.get_num_threads()} threads; torch rows only)"
+        if "fill-1m" in shapes:
+            from svdfill.launch.errors import UserError
+
+            raise UserError("bench kernels --device cpu: fill-1m is a GPU shape (`svdfill "
+                            "bench fill` measures the CPU fill); use --shapes train-ml1m")
     else:
         if not torch.cuda.is_available():
             print("svdfill bench kernels: needs a CUDA GPU (the fused kernels are GPU kernels); "
@@ -509,7 +545,8 @@ def _main(args: argparse.Namespace) -> int:
     report = _Report(args, device_name)
     if not args.quiet:
         print(f"svdfill bench kernels on {device_name}", flush=True)
-    bw = _copy_bandwidth(torch, timer, device, (2 << 30) if device.type == "cuda" else (32 << 20))
+    bw = _copy_bandwidth(torch, timer, device, (2 << 30) if device.type == "cuda"
+                         else (32 << 20) if args.smoke else (512 << 20))
 
     with torch.no_grad():
         for shape in shapes:

@@ -43,7 +43,7 @@ from svdfill.distributed.world import World
 from svdfill.kernels.metrics import error_sums, metrics_from_sums
 from svdfill.kernels.model import BiasedMF
 from svdfill.kernels.sgd import RowSparseAdam, sgd_step, sgd_step_split
-from svdfill.kernels.sparse_adam import RowAdamSide, accumulate_gradients, apply_adam
+from svdfill.kernels.row_optim import RowSide, accumulate_gradients, apply_adagrad, apply_adam
 from svdfill.launch.errors import UserError
 
 USER_PARAMS = ("user_factors", "user_bias")
@@ -154,19 +154,21 @@ class _Trainer:
         dev = world.device
         self.solver = t.solver
         self.kind = t.optimizer if t.solver == "sgd" else t.solver
-        # lazy Adam without autograd (kernels.sparse_adam; fused kernels on CUDA with
-        # kernel = "fused"): same math as autograd + RowSparseAdam and ~2× faster on CPU. The
-        # autograd path stays for W > 1 on gloo with kernel = "torch", where DDP all-reduces
-        # only the touched user rows (sparse); elsewhere the user sums travel densely.
-        self.adam_fused = (self.kind == "sparse_adam" and t.kernel == "fused"
-                           and _fused_ok(torch.device(dev), "the torch lazy-Adam step"))
-        self.adam_direct = self.kind == "sparse_adam" and (
+        # row-sparse steps without autograd (kernels.row_optim; fused kernels on CUDA with
+        # kernel = "fused"). SparseAdam: same math as autograd + RowSparseAdam and ~2× faster
+        # on CPU, so always, except at W > 1 on gloo with kernel = "torch", where DDP
+        # all-reduces only the touched user rows (sparse); elsewhere the user sums travel
+        # densely. Adagrad: with kernel = "fused" (lazy = torch's dense Adagrad, no decay).
+        self.direct = (self.kind == "sparse_adam" and (
             t.kernel == "fused" or world.world_size == 1
-            or not getattr(world, "sparse_users", True))
-        self.adam_sides: tuple[RowAdamSide, RowAdamSide] | None = None
+            or not getattr(world, "sparse_users", True))) or (
+            self.kind == "adagrad" and t.kernel == "fused")
+        self.direct_fused = (self.direct and t.kernel == "fused"
+                             and _fused_ok(torch.device(dev), f"the torch {self.kind} row step"))
+        self.sides: tuple[RowSide, RowSide] | None = None
         self.model = BiasedMF(n_users, n_items_local, cfg.model.factors, init_std=cfg.model.init_std,
                               global_mean=global_mean, seed=t.seed, item_offset=lo,
-                              sparse=self.kind == "sparse_adam" and not self.adam_direct).to(dev)
+                              sparse=self.kind == "sparse_adam" and not self.direct).to(dev)
         with torch.no_grad():
             # rows nobody trains stay exactly zero: their predictions fall back to μ + bias
             self.model.user_factors[user_counts.to(dev) == 0] = 0.0
@@ -185,7 +187,7 @@ class _Trainer:
             self.opt = torch.optim.Adagrad(params, lr=t.lr, weight_decay=t.weight_decay)
         elif self.kind == "sparse_adam":
             self.opt = RowSparseAdam(params, lr=t.lr)
-        self.wrapped = (world.wrap(self.model) if self.opt is not None and not self.adam_direct
+        self.wrapped = (world.wrap(self.model) if self.opt is not None and not self.direct
                         else None)
         self.sgd_fn = sgd_step
         if self.kind == "sgd" and t.kernel == "fused" and world.world_size == 1 \
@@ -257,8 +259,8 @@ class _Trainer:
                     self.world.all_reduce_sum(db)
                     m.user_factors.data += dP
                     m.user_bias.data += db
-            elif self.adam_direct:
-                self._adam_step(u, i, r, mu, lr, 1.0 / denom)
+            elif self.direct:
+                self._row_step(u, i, r, mu, 1.0 / denom)
             else:
                 self.opt.zero_grad(set_to_none=True)
                 pred, penalty = self.wrapped(u, i, reg=(self.reg_f, self.reg_b))
@@ -313,32 +315,48 @@ class _Trainer:
         if state is not None and self.kind == "gibbs":
             self._start_chain({k: v.to(self.world.device) for k, v in state.items()})
 
-    def _adam_step(self, u, i, r, mu: float, lr: float, scale: float) -> None:
-        """One lazy-Adam step of ``RowSparseAdam``'s math on the autograd loss × ``scale``,
-        without autograd; the moments live in ``self.opt``'s state (checkpoints unchanged)."""
-        if self.adam_sides is None:  # built late: loading a checkpoint replaces the moments
-            m, o = self.model, self.opt
-            self.adam_sides = (
-                RowAdamSide.of(m.user_factors.data, m.user_bias.data, *o.moments(m.user_factors),
-                               *o.moments(m.user_bias)),
-                RowAdamSide.of(m.item_factors.data, m.item_bias.data, *o.moments(m.item_factors),
-                               *o.moments(m.item_bias)))
-        users_side, items_side = self.adam_sides
-        group = self.opt.param_groups[0]
-        if self.adam_fused:
-            from svdfill.kernels.triton_adam import fused_accumulate_gradients as accumulate
-            from svdfill.kernels.triton_adam import fused_apply_adam as apply
+    def _row_step(self, u, i, r, mu: float, scale: float) -> None:
+        """One row-sparse optimizer step (kernels.row_optim: SparseAdam's or Adagrad's math)
+        on the autograd loss × ``scale``, without autograd; the optimizer state lives in
+        ``self.opt`` (checkpoints do not depend on the path)."""
+        m, o = self.model, self.opt
+        adam = self.kind == "sparse_adam"
+        if self.sides is None:  # built late: loading a checkpoint replaces the state tensors
+            def state(p):
+                if adam:
+                    return o.moments(p)
+                return o.state[p]["sum"], o.state[p]["sum"]  # Adagrad: the sums (m unused)
+
+            self.sides = (
+                RowSide.of(m.user_factors.data, m.user_bias.data, *state(m.user_factors),
+                           *state(m.user_bias)),
+                RowSide.of(m.item_factors.data, m.item_bias.data, *state(m.item_factors),
+                           *state(m.item_bias)))
+        users_side, items_side = self.sides
+        group = o.param_groups[0]
+        if self.direct_fused:
+            from svdfill.kernels import triton_row_optim as k
+
+            accumulate = k.fused_accumulate_gradients
+            apply = k.fused_apply_adam if adam else k.fused_apply_adagrad
         else:
-            accumulate, apply = accumulate_gradients, apply_adam
+            accumulate, apply = accumulate_gradients, apply_adam if adam else apply_adagrad
         accumulate(users_side, items_side, mu, u, i, r, reg_factors=self.reg_f,
                    reg_bias=self.reg_b, scale=scale)
         if self.world.world_size > 1:
             # replicated user rows: the sums (and marks) of all ranks' batches, densely
             for t in (users_side.factors_grad, users_side.bias_grad, users_side.touched):
                 self.world.all_reduce_sum(t)
-        step = self.opt.advance()
-        for side in self.adam_sides:
-            apply(side, lr=lr, step=step, betas=group["betas"], eps=group["eps"])
+        if adam:
+            step = o.advance()
+            hp = {"betas": group["betas"], "eps": group["eps"]}
+        else:
+            for p in (m.user_factors, m.item_factors, m.user_bias, m.item_bias):
+                o.state[p]["step"] += 1  # torch.optim.Adagrad's per-parameter tensor count
+            step = int(o.state[m.user_factors]["step"])
+            hp = {"lr_decay": group["lr_decay"], "eps": group["eps"]}
+        for side in self.sides:
+            apply(side, lr=group["lr"], step=step, **hp)
 
     # -- metrics -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -373,7 +391,7 @@ class _Trainer:
     def load_optimizer_tables(self, tables: dict[str, dict[str, Any]], lo: int, hi: int) -> None:
         if self.opt is None or not tables:
             return
-        self.adam_sides = None
+        self.sides = None
         dev = self.world.device
         for name in PARAMS:
             p = getattr(self.model, name)

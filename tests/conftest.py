@@ -45,3 +45,17 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA (runs on the GPU device machine)")
     return torch.device("cuda")
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def kernel_device(request, monkeypatch):
+    """Where a fused Triton kernel test runs — cpu: Triton's interpreter
+    (TRITON_INTERPRET=1, set for the test only); cuda: the compiled kernel (skipped without
+    a GPU)."""
+    import torch
+
+    if request.param == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return request.getfixturevalue("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return torch.device("cpu")

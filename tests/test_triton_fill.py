@@ -17,14 +17,10 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'svdf
 from svdfill.kernels.triton_fill import fill_topk_triton  # noqa: E402
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request, monkeypatch):
-    """cpu: Triton's interpreter (TRITON_INTERPRET=1); cuda: the compiled kernel."""
-    if request.param == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return request.getfixturevalue("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return torch.device("cpu")
+@pytest.fixture
+def device(kernel_device):
+    """cpu (Triton's interpreter) and cuda (compiled): conftest.kernel_device."""
+    return kernel_device
 
 
 # --------------------------------------------------------------------------- references

@@ -15,14 +15,10 @@ from svdfill.kernels.triton_sgd import fused_sgd_step  # noqa: E402
 HP = dict(lr=0.05, reg_factors=0.02, reg_bias=0.01)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request, monkeypatch):
-    """cpu: Triton's interpreter (TRITON_INTERPRET=1); cuda: the compiled kernel."""
-    if request.param == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return request.getfixturevalue("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return torch.device("cpu")
+@pytest.fixture
+def device(kernel_device):
+    """cpu (Triton's interpreter) and cuda (compiled): conftest.kernel_device."""
+    return kernel_device
 
 
 def reference_step(P, Q, bu, bi, mu, users, items, ratings, *, lr, reg_factors, reg_bias):

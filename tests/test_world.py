@@ -153,13 +153,13 @@ def _ddp_step(rank: int, world_size: int, sparse: bool) -> None:
 
 def _sparse_adam_fits(rank: int, world_size: int) -> None:
     """sparse_adam at W=2 both ways the trainer syncs the user rows — DDP over autograd's
-    sparse gradients (gloo) and the dense all-reduce of kernels.sparse_adam's sums (what
-    nccl gets) — gives one result."""
+    sparse gradients (gloo) and the dense all-reduce of kernels.row_optim's sums (what
+    nccl gets) — gives one result; so does Adagrad (DDP dense vs the row step's sums)."""
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
     from svdfill.distributed.sharding import even_shards
     from svdfill.launch.trainer import fit
-    from test_sparse_adam import _trainer_cfg
+    from test_row_optim import _trainer_cfg
 
     cfg = _trainer_cfg()
     train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
@@ -179,6 +179,19 @@ def _sparse_adam_fits(rank: int, world_size: int) -> None:
     # one-process run; it learns as that one does
     for r in (ref, runs[1]):
         assert r.summary["val_rmse"] < r.history[0]["val_rmse"] - 0.005
+    # Adagrad: DDP's dense all-reduce of autograd's gradients vs the row step's sums
+    import warnings
+
+    from svdfill.config import apply_overrides
+
+    ada = apply_overrides(cfg, {"train.optimizer": "adagrad", "train.lr": 0.05})
+    w = DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards)
+    dense = fit(ada, train, val, w, quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "fused" on CPU: the torch twin
+        rows = fit(apply_overrides(ada, {"train.kernel": "fused"}), train, val, w, quiet=True)
+    for a, b in zip(dense.history, rows.history):
+        assert abs(a["val_rmse"] - b["val_rmse"]) < 1e-5, (a, b)
 
 
 def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
@@ -250,7 +263,7 @@ def _nccl_checks(rank: int, world_size: int, port: int, errors) -> None:
         from svdfill.data.split import split
         from svdfill.distributed.sharding import even_shards
         from svdfill.launch.trainer import fit
-        from test_sparse_adam import _trainer_cfg
+        from test_row_optim import _trainer_cfg
 
         cfg = apply_overrides(_trainer_cfg(), {"train.kernel": "fused", "train.device": "cuda"})
         train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)

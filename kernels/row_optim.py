@@ -1,5 +1,5 @@
-"""Lazy (row-sparse) Adam for biased MF without autograd: one step = gradient sums, then
-the moment update of the rows the batch touched.
+"""Row-sparse optimizer steps for biased MF without autograd — lazy Adam and Adagrad: one
+step = gradient sums, then the update of the rows the batch touched.
 
 The loss of a batch is ``scale · ½ (Σ e² + Σ λ_f(‖p_u‖² + ‖q_i‖²) + λ_b(b_u² + b_i²))`` with
 ``e = r − (μ + b_u + b_i + p_u·q_i)`` — the trainer's autograd loss. Its gradient rows are
@@ -7,21 +7,27 @@ written analytically:
 
     ∂/∂p_u = scale · Σ_(ratings of u) (λ_f p_u − e q_i)     (likewise q_i, b_u, b_i)
 
-and every touched row then takes :class:`svdfill.kernels.sgd.RowSparseAdam`'s update
-(= ``torch.optim.SparseAdam``): moments of untouched rows stay, bias correction uses the
-optimizer's global step. Two phases instead of one, because Adam needs a row's *summed*
-gradient before it can move the row:
+and every touched row then takes the optimizer's update:
+
+- :func:`apply_adam`: :class:`svdfill.kernels.sgd.RowSparseAdam`'s (= ``torch.optim.SparseAdam``):
+  moments of untouched rows stay, bias correction uses the optimizer's global step;
+- :func:`apply_adagrad`: ``torch.optim.Adagrad``'s (without weight decay). Adagrad with a
+  zero gradient leaves a row and its sum as they are, so updating only the touched rows *is*
+  torch's dense Adagrad — for the cost of the touched rows.
+
+Two phases instead of one, because both need a row's *summed* gradient before it can move
+the row:
 
 1. :func:`accumulate_gradients` adds the batch's gradient rows to per-side sums
-   (``RowAdamSide.factors_grad`` …) and marks the rows in ``touched``;
-2. :func:`apply_adam` updates the touched rows from their sums, then clears sums and marks.
+   (``RowSide.factors_grad`` …) and marks the rows in ``touched``;
+2. ``apply_*`` updates the touched rows from their sums, then clears sums and marks.
 
 Between the two, an item-sharded world all-reduces the user side's sums and marks (the user
 tables are replicated), which makes a step of W ranks the single-process step over the union
 of their batches — a dense all-reduce that works on every backend, nccl included.
 
-This module is the exact torch twin of :mod:`svdfill.kernels.triton_adam` (the fused CUDA
-kernels, same functions and arguments).
+This module is the exact torch twin of :mod:`svdfill.kernels.triton_row_optim` (the fused
+CUDA kernels, same functions and arguments).
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from svdfill.kernels.sgd import _errors
 
 
 @dataclass
-class RowAdamSide:
-    """One side (users or items) of a biased-MF model under lazy Adam.
+class RowSide:
+    """One side (users or items) of a biased-MF model under a row-sparse optimizer.
 
     factors float32 [R, d] and bias float32 [R]: the parameters, updated in place.
-    factors_m / factors_v [R, d], bias_m / bias_v [R]: Adam's first and second moments
-    (``exp_avg`` / ``exp_avg_sq`` of the optimizer state, shared, not copied).
+    factors_m / factors_v [R, d], bias_m / bias_v [R]: the optimizer state, shared with the
+    torch optimizer (not copied) — Adam's ``exp_avg`` / ``exp_avg_sq``; for Adagrad ``_v`` is
+    its ``sum`` and ``_m`` is not used (pass ``_v`` again).
     factors_grad [R, d], bias_grad [R]: the step's gradient sums, all zero between steps.
     touched int32 [R]: nonzero for the rows the step's batch contains, zero between steps.
     All contiguous, on one device.
@@ -58,7 +65,7 @@ class RowAdamSide:
 
     @classmethod
     def of(cls, factors: torch.Tensor, bias: torch.Tensor, factors_m: torch.Tensor,
-           factors_v: torch.Tensor, bias_m: torch.Tensor, bias_v: torch.Tensor) -> "RowAdamSide":
+           factors_v: torch.Tensor, bias_m: torch.Tensor, bias_v: torch.Tensor) -> "RowSide":
         """The side of existing parameters and moments, with fresh (zero) scratch."""
         side = cls(factors, bias, factors_m, factors_v, bias_m, bias_v,
                    torch.zeros_like(factors), torch.zeros_like(bias),
@@ -73,17 +80,17 @@ class RowAdamSide:
     def check(self) -> None:
         R = self.rows
         if self.factors.dim() != 2:
-            raise ValueError(f"RowAdamSide: factors must be [R, d], got {tuple(self.factors.shape)}")
+            raise ValueError(f"RowSide: factors must be [R, d], got {tuple(self.factors.shape)}")
         for name in ("factors", "factors_m", "factors_v", "factors_grad", "bias", "bias_m",
                      "bias_v", "bias_grad", "touched"):
             t = getattr(self, name)
             want = self.factors.shape if name.startswith("factors") else (R,)
             dtype = torch.int32 if name == "touched" else torch.float32
             if tuple(t.shape) != tuple(want) or t.dtype != dtype:
-                raise ValueError(f"RowAdamSide: {name} must be {dtype} {tuple(want)}, got "
+                raise ValueError(f"RowSide: {name} must be {dtype} {tuple(want)}, got "
                                  f"{t.dtype} {tuple(t.shape)}")
             if not t.is_contiguous() or t.device != self.factors.device:
-                raise ValueError(f"RowAdamSide: {name} must be contiguous on {self.factors.device}")
+                raise ValueError(f"RowSide: {name} must be contiguous on {self.factors.device}")
 
 
 def step_size(lr: float, step: int, betas: tuple[float, float]) -> float:
@@ -95,7 +102,7 @@ def step_size(lr: float, step: int, betas: tuple[float, float]) -> float:
 
 
 @torch.no_grad()
-def accumulate_gradients(user_side: RowAdamSide, item_side: RowAdamSide,
+def accumulate_gradients(user_side: RowSide, item_side: RowSide,
                          global_mean: float | torch.Tensor, users: torch.Tensor,
                          items: torch.Tensor, ratings: torch.Tensor, *, reg_factors: float,
                          reg_bias: float, scale: float) -> None:
@@ -132,8 +139,40 @@ def _adam_rows(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     g.index_fill_(0, rows, 0.0)
 
 
+def adagrad_lr(lr: float, step: int, lr_decay: float = 0.0) -> float:
+    """Adagrad's decayed rate ``lr / (1 + (t − 1)·lr_decay)`` for step ``t ≥ 1``."""
+    if step < 1:
+        raise ValueError(f"Adagrad step counts from 1, got {step}")
+    return lr / (1 + (step - 1) * lr_decay)
+
+
+def _adagrad_rows(w: torch.Tensor, acc: torch.Tensor, g: torch.Tensor, rows: torch.Tensor,
+                  clr: float, eps: float) -> None:
+    # torch.optim.Adagrad's single-tensor arithmetic (sum += g², w += −clr · g / (√sum + ε))
+    grad = g.index_select(0, rows)
+    acc_new = acc.index_select(0, rows).addcmul_(grad, grad, value=1)
+    acc.index_copy_(0, rows, acc_new)
+    w.index_add_(0, rows, grad.div_(acc_new.sqrt().add_(eps)).mul_(-clr))
+    g.index_fill_(0, rows, 0.0)
+
+
 @torch.no_grad()
-def apply_adam(side: RowAdamSide, *, lr: float, step: int,
+def apply_adagrad(side: RowSide, *, lr: float, step: int, lr_decay: float = 0.0,
+                  eps: float = 1e-10) -> None:
+    """Adagrad update of the touched rows of ``side``, in place (``side.factors_v`` /
+    ``bias_v`` are the sums), with the optimizer's step ``step`` (≥ 1, already counted);
+    then the gradient sums and marks of those rows are zero again."""
+    rows = side.touched.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    clr = adagrad_lr(lr, step, lr_decay)
+    _adagrad_rows(side.factors, side.factors_v, side.factors_grad, rows, clr, eps)
+    _adagrad_rows(side.bias, side.bias_v, side.bias_grad, rows, clr, eps)
+    side.touched.zero_()
+
+
+@torch.no_grad()
+def apply_adam(side: RowSide, *, lr: float, step: int,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
     """Lazy-Adam update of the touched rows of ``side`` (factors and bias), in place, with
     the optimizer's step count ``step`` (≥ 1, already incremented for this step); then the
@@ -149,4 +188,5 @@ def apply_adam(side: RowAdamSide, *, lr: float, step: int,
     side.touched.zero_()
 
 
-__all__ = ["RowAdamSide", "accumulate_gradients", "apply_adam", "step_size"]
+__all__ = ["RowSide", "accumulate_gradients", "adagrad_lr", "apply_adagrad", "apply_adam",
+           "step_size"]

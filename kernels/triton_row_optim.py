@@ -1,7 +1,8 @@
-"""Fused lazy Adam for biased MF: two Triton kernels per batch instead of torch's autograd
-forward + sparse backward + coalesce + SparseAdam chain (~30 kernels and a sort).
+"""Fused row-sparse Adam and Adagrad for biased MF: two Triton kernels per batch instead of
+torch's autograd forward + backward + optimizer chain (~30 kernels, and for SparseAdam a
+sort; for dense Adagrad a pass over every row of every table).
 
-Same functions, arguments and math as :mod:`svdfill.kernels.sparse_adam` (read it for the
+Same functions, arguments and math as :mod:`svdfill.kernels.row_optim` (read it for the
 loss and the update):
 
 - :func:`fused_accumulate_gradients`: one program per ``BLOCK_N`` ratings gathers p_u, q_i
@@ -9,14 +10,15 @@ loss and the update):
   the four gradient rows to the sides' sums; it writes 1 to ``touched`` of its rows. The
   parameters are only read, so there is no race on them: unlike Hogwild SGD, the step is
   deterministic up to the order of float additions in the sums.
-- :func:`fused_apply_adam`: one program per ``BLOCK_R`` rows of a side reads the marks and,
-  for marked rows only, the sums, moments and parameters; writes the moved parameters,
-  the moments, and zeros into sums and marks (the scratch is clean for the next step
-  without a memset). Unmarked rows cost 4 bytes.
+- :func:`fused_apply_adam` / :func:`fused_apply_adagrad` (one kernel body, the optimizer a
+  constexpr): one program per ``BLOCK_R`` rows of a side reads the marks and, for marked
+  rows only, the sums, optimizer state and parameters; writes the moved parameters, the
+  state, and zeros into sums and marks (the scratch is clean for the next step without a
+  memset). Unmarked rows cost 4 bytes.
 
 Traffic per rating ≈ 2·d·4 B of gathers + 2·d atomic adds, plus per touched row
-4 reads + 4 writes of d floats (parameter, 2 moments, sum) — about twice the fused SGD
-step, for an optimizer that stays stable with million-rating batches.
+4 reads + 4 writes of d floats for Adam (parameter, 2 moments, sum), 3 + 3 for Adagrad —
+about twice the fused SGD step, for optimizers that stay stable with million-rating batches.
 
 Off CUDA (and without ``TRITON_INTERPRET=1``) both functions run the torch twin, so one
 call works on every device.
@@ -28,8 +30,8 @@ import math
 
 import torch
 
-from svdfill.kernels import sparse_adam
-from svdfill.kernels.sparse_adam import RowAdamSide, step_size
+from svdfill.kernels import row_optim
+from svdfill.kernels.row_optim import RowSide, adagrad_lr, step_size
 from svdfill.kernels.triton_util import launch, next_pow2, triton_mode
 
 try:  # the kernel bodies need `tl` as a global; without triton they are never built
@@ -80,7 +82,7 @@ def _apply_kernel(
     W, M, V, G, B, MB, VB, GB, T,
     R, d, stride,
     size, c1, c2, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ADAGRAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -93,26 +95,32 @@ def _apply_kernel(
         mk = hit[:, None] & (cols < d)[None, :]
     off = rows[:, None] * stride + cols[None, :]
     g = tl.load(G + off, mask=mk, other=0.0)
-    m = tl.load(M + off, mask=mk, other=0.0)
     v = tl.load(V + off, mask=mk, other=0.0)
     w = tl.load(W + off, mask=mk, other=0.0)
-    # RowSparseAdam's operations in its order, c1 = 1 − β₁ and c2 = 1 − β₂ rounded to float32
-    # as torch rounds them; IEEE sqrt and division, not the fast approximations
-    m = m + (g - m) * c1
-    v = v + (g * g - v) * c2
-    w = w + tl.div_rn(m, tl.sqrt_rn(v) + eps) * (-size)
-    tl.store(M + off, m, mask=mk)
+    gb = tl.load(GB + rows, mask=hit, other=0.0)
+    vb = tl.load(VB + rows, mask=hit, other=0.0)
+    b = tl.load(B + rows, mask=hit, other=0.0)
+    # the torch optimizers' operations in their order, with IEEE sqrt and division (not the
+    # fast approximations)
+    if ADAGRAD:  # V, VB = sums; size = the decayed rate; M, MB, c1, c2 unused
+        v = v + g * g
+        w = w + tl.div_rn(g, tl.sqrt_rn(v) + eps) * (-size)
+        vb = vb + gb * gb
+        b = b + tl.div_rn(gb, tl.sqrt_rn(vb) + eps) * (-size)
+    else:  # Adam; c1 = 1 − β₁ and c2 = 1 − β₂ rounded to float32 as torch rounds them
+        m = tl.load(M + off, mask=mk, other=0.0)
+        m = m + (g - m) * c1
+        v = v + (g * g - v) * c2
+        w = w + tl.div_rn(m, tl.sqrt_rn(v) + eps) * (-size)
+        tl.store(M + off, m, mask=mk)
+        mb = tl.load(MB + rows, mask=hit, other=0.0)
+        mb = mb + (gb - mb) * c1
+        vb = vb + (gb * gb - vb) * c2
+        b = b + tl.div_rn(mb, tl.sqrt_rn(vb) + eps) * (-size)
+        tl.store(MB + rows, mb, mask=hit)
     tl.store(V + off, v, mask=mk)
     tl.store(W + off, w, mask=mk)
     tl.store(G + off, tl.zeros((BLOCK_R, BLOCK_D), tl.float32), mask=mk)
-    gb = tl.load(GB + rows, mask=hit, other=0.0)
-    mb = tl.load(MB + rows, mask=hit, other=0.0)
-    vb = tl.load(VB + rows, mask=hit, other=0.0)
-    b = tl.load(B + rows, mask=hit, other=0.0)
-    mb = mb + (gb - mb) * c1
-    vb = vb + (gb * gb - vb) * c2
-    b = b + tl.div_rn(mb, tl.sqrt_rn(vb) + eps) * (-size)
-    tl.store(MB + rows, mb, mask=hit)
     tl.store(VB + rows, vb, mask=hit)
     tl.store(B + rows, b, mask=hit)
     tl.store(GB + rows, tl.zeros((BLOCK_R,), tl.float32), mask=hit)
@@ -126,12 +134,12 @@ def _blocks(d: int, elems: int) -> tuple[int, int]:
     return block_d, max(16, min(1024, elems // block_d))
 
 
-def fused_accumulate_gradients(user_side: RowAdamSide, item_side: RowAdamSide,
+def fused_accumulate_gradients(user_side: RowSide, item_side: RowSide,
                                global_mean: float | torch.Tensor, users: torch.Tensor,
                                items: torch.Tensor, ratings: torch.Tensor, *,
                                reg_factors: float, reg_bias: float, scale: float,
                                block_n: int | None = None) -> None:
-    """:func:`svdfill.kernels.sparse_adam.accumulate_gradients` as one fused kernel.
+    """:func:`svdfill.kernels.row_optim.accumulate_gradients` as one fused kernel.
 
     users / items int32 or int64 [n] (not bounds-checked on the device: a check costs a
     sync per step; the trainer's ids are in range by construction), ratings float32 [n].
@@ -139,7 +147,7 @@ def fused_accumulate_gradients(user_side: RowAdamSide, item_side: RowAdamSide,
     """
     device = user_side.factors.device
     if triton_mode(device) is None:
-        sparse_adam.accumulate_gradients(user_side, item_side, global_mean, users, items,
+        row_optim.accumulate_gradients(user_side, item_side, global_mean, users, items,
                                          ratings, reg_factors=reg_factors, reg_bias=reg_bias,
                                          scale=scale)
         return
@@ -170,30 +178,44 @@ def fused_accumulate_gradients(user_side: RowAdamSide, item_side: RowAdamSide,
     )
 
 
-def fused_apply_adam(side: RowAdamSide, *, lr: float, step: int,
-                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                     block_r: int | None = None) -> None:
-    """:func:`svdfill.kernels.sparse_adam.apply_adam` as one fused kernel over the side's
-    rows (a streaming pass; unmarked rows read only their mark)."""
-    device = side.factors.device
-    if triton_mode(device) is None:
-        sparse_adam.apply_adam(side, lr=lr, step=step, betas=betas, eps=eps)
-        return
+def _apply(side: RowSide, size: float, c1: float, c2: float, eps: float, adagrad: bool,
+           block_r: int | None) -> None:
     R, d = side.factors.shape
     if R == 0:
         return
     block_d, default_r = _blocks(d, _APPLY_ELEMS)
     block_r = block_r or default_r
-    beta1, beta2 = betas
     launch(
-        _apply_kernel, device, (math.ceil(R / block_r),),
+        _apply_kernel, side.factors.device, (math.ceil(R / block_r),),
         side.factors, side.factors_m, side.factors_v, side.factors_grad,
         side.bias, side.bias_m, side.bias_v, side.bias_grad, side.touched,
-        R, d, side.factors.stride(0),
-        step_size(lr, step, betas), 1.0 - float(beta1), 1.0 - float(beta2), float(eps),
-        BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=block_d == d,
+        R, d, side.factors.stride(0), float(size), float(c1), float(c2), float(eps),
+        BLOCK_R=block_r, BLOCK_D=block_d, EVEN_D=block_d == d, ADAGRAD=bool(adagrad),
         num_warps=8 if block_r * block_d >= 4096 else 4,
     )
+
+
+def fused_apply_adam(side: RowSide, *, lr: float, step: int,
+                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                     block_r: int | None = None) -> None:
+    """:func:`svdfill.kernels.row_optim.apply_adam` as one fused kernel over the side's
+    rows (a streaming pass; unmarked rows read only their mark)."""
+    if triton_mode(side.factors.device) is None:
+        row_optim.apply_adam(side, lr=lr, step=step, betas=betas, eps=eps)
+        return
+    beta1, beta2 = betas
+    _apply(side, step_size(lr, step, betas), 1.0 - float(beta1), 1.0 - float(beta2), eps,
+           False, block_r)
+
+
+def fused_apply_adagrad(side: RowSide, *, lr: float, step: int, lr_decay: float = 0.0,
+                        eps: float = 1e-10, block_r: int | None = None) -> None:
+    """:func:`svdfill.kernels.row_optim.apply_adagrad` as one fused kernel over the side's
+    rows (``side.factors_v`` / ``bias_v`` are Adagrad's sums)."""
+    if triton_mode(side.factors.device) is None:
+        row_optim.apply_adagrad(side, lr=lr, step=step, lr_decay=lr_decay, eps=eps)
+        return
+    _apply(side, adagrad_lr(lr, step, lr_decay), 0.0, 0.0, eps, True, block_r)
 
 
 def compile_specs(d: int = 64) -> list[tuple[str, object, dict, dict, int]]:
@@ -210,14 +232,18 @@ def compile_specs(d: int = 64) -> list[tuple[str, object, dict, dict, int]]:
     apply_sig = {"W": f32, "M": f32, "V": f32, "G": f32, "B": f32, "MB": f32, "VB": f32,
                  "GB": f32, "T": "*i32", "R": "i32", "d": "i32", "stride": "i32",
                  "size": "fp32", "c1": "fp32", "c2": "fp32", "eps": "fp32"}
+    apply_warps = 8 if block_r * block_d >= 4096 else 4
     return [
-        (f"adam gradients d={d}", _grad_kernel, grad_sig,
+        (f"row-opt gradients d={d}", _grad_kernel, grad_sig,
          {"BLOCK_N": block_n, "BLOCK_D": block_d, "EVEN_D": block_d == d},
          8 if block_n * block_d >= 2048 else 4),
         (f"adam apply d={d}", _apply_kernel, apply_sig,
-         {"BLOCK_R": block_r, "BLOCK_D": block_d, "EVEN_D": block_d == d},
-         8 if block_r * block_d >= 4096 else 4),
+         {"BLOCK_R": block_r, "BLOCK_D": block_d, "EVEN_D": block_d == d, "ADAGRAD": False},
+         apply_warps),
+        (f"adagrad apply d={d}", _apply_kernel, apply_sig,
+         {"BLOCK_R": block_r, "BLOCK_D": block_d, "EVEN_D": block_d == d, "ADAGRAD": True},
+         apply_warps),
     ]
 
 
-__all__ = ["fused_accumulate_gradients", "fused_apply_adam"]
+__all__ = ["fused_accumulate_gradients", "fused_apply_adagrad", "fused_apply_adam"]

@@ -1,6 +1,7 @@
-"""kernels.sparse_adam: the lazy-Adam step without autograd against a float64 reference and
+"""kernels.row_optim: the lazy-Adam step without autograd against a float64 reference and
 against the autograd path it replaces (BiasedMF loss + RowSparseAdam = torch SparseAdam);
-RowSparseAdam's state helpers; the trainer's fused/direct path on CPU equals the torch path.
+Adagrad against torch.optim.Adagrad; RowSparseAdam's state helpers; the trainer's
+fused/direct path on CPU equals the torch path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import torch
 
 from svdfill.kernels.model import BiasedMF
 from svdfill.kernels.sgd import RowSparseAdam
-from svdfill.kernels.sparse_adam import RowAdamSide, accumulate_gradients, apply_adam, step_size
+from svdfill.kernels.row_optim import (
+    RowSide,
+    accumulate_gradients,
+    adagrad_lr,
+    apply_adagrad,
+    apply_adam,
+    step_size,
+)
 
 HP = dict(reg_factors=0.03, reg_bias=0.01)
 BETAS = (0.9, 0.999)
@@ -24,11 +32,11 @@ its float32 rounding moves the step by up to ~1e-3·lr (measured 9e-6 at lr 0.03
 twin and the fused kernels alike); elsewhere the agreement is ~1e-7."""
 
 
-def sides_of(model: BiasedMF, opt: RowSparseAdam) -> tuple[RowAdamSide, RowAdamSide]:
+def sides_of(model: BiasedMF, opt: RowSparseAdam) -> tuple[RowSide, RowSide]:
     m = model
-    return (RowAdamSide.of(m.user_factors.data, m.user_bias.data, *opt.moments(m.user_factors),
+    return (RowSide.of(m.user_factors.data, m.user_bias.data, *opt.moments(m.user_factors),
                            *opt.moments(m.user_bias)),
-            RowAdamSide.of(m.item_factors.data, m.item_bias.data, *opt.moments(m.item_factors),
+            RowSide.of(m.item_factors.data, m.item_bias.data, *opt.moments(m.item_factors),
                            *opt.moments(m.item_bias)))
 
 
@@ -121,6 +129,43 @@ def test_equals_autograd_and_row_sparse_adam():
                                        atol=1e-9, msg=f"{k}.{s}")
 
 
+def adagrad_sides(model: BiasedMF, opt: torch.optim.Adagrad) -> tuple[RowSide, RowSide]:
+    m, st = model, opt.state
+    return (RowSide.of(m.user_factors.data, m.user_bias.data, st[m.user_factors]["sum"],
+                       st[m.user_factors]["sum"], st[m.user_bias]["sum"], st[m.user_bias]["sum"]),
+            RowSide.of(m.item_factors.data, m.item_bias.data, st[m.item_factors]["sum"],
+                       st[m.item_factors]["sum"], st[m.item_bias]["sum"], st[m.item_bias]["sum"]))
+
+
+@pytest.mark.parametrize("lr_decay", [0.0, 0.05])
+def test_adagrad_rows_equal_torch_dense_adagrad(lr_decay):
+    """Dense torch Adagrad over autograd's gradient of the same loss: untouched rows get a
+    zero gradient, which leaves them and their sums alone, so only touched rows differ."""
+    data = batches(13, 9, 50, 6, seed=4, hot=True)
+    a, b = model(seed=5), model(seed=5)
+    opt_a = torch.optim.Adagrad(list(a.parameters()), lr=0.05, lr_decay=lr_decay)
+    opt_b = torch.optim.Adagrad(list(b.parameters()), lr=0.05, lr_decay=lr_decay)
+    sides = adagrad_sides(b, opt_b)
+    for t, (u, i, r) in enumerate(data, start=1):
+        opt_a.zero_grad(set_to_none=True)
+        pred, pen = a(u, i, reg=(HP["reg_factors"], HP["reg_bias"]))
+        (0.5 * (((r - pred) ** 2).sum() + pen) / 25.0).backward()
+        opt_a.step()
+        accumulate_gradients(*sides, 3.2, u, i, r, scale=1 / 25.0, **HP)
+        for p in b.parameters():
+            opt_b.state[p]["step"] += 1
+        for side in sides:
+            apply_adagrad(side, lr=0.05, step=t, lr_decay=lr_decay)
+    for k in ("user_factors", "item_factors", "user_bias", "item_bias"):
+        pa, pb = getattr(a, k), getattr(b, k)
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(opt_b.state[pb]["sum"], opt_a.state[pa]["sum"], rtol=1e-5,
+                                   atol=1e-9, msg=f"{k}.sum")
+    assert adagrad_lr(0.1, 3, 0.5) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="counts from 1"):
+        adagrad_lr(0.1, 0)
+
+
 def test_untouched_rows_keep_parameters_and_moments():
     m = model()
     opt = RowSparseAdam(list(m.parameters()), lr=0.1)
@@ -153,7 +198,7 @@ def test_state_helpers_and_checks():
     with pytest.raises(ValueError, match="counts from 1"):
         step_size(0.1, 0, BETAS)
     with pytest.raises(ValueError, match="bias_m must be"):
-        RowAdamSide.of(m.user_factors.data, m.user_bias.data, ea, eas, torch.zeros(3),
+        RowSide.of(m.user_factors.data, m.user_bias.data, ea, eas, torch.zeros(3),
                        torch.zeros(13))
 
 
@@ -166,6 +211,29 @@ def _trainer_cfg(**over):
             "train.lr": 0.01, "train.reg_factors": 0.02, "train.reg_bias": 0.01,
             "train.batch_size": 512, "train.epochs": 3, "train.patience": 0}
     return apply_overrides(Config(), {**base, **over})
+
+
+def test_trainer_fused_adagrad_on_cpu_equals_torch_adagrad():
+    import warnings as _w
+
+    from svdfill.config import ConfigError, apply_overrides
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.launch.trainer import fit
+
+    cfg = _trainer_cfg(**{"train.optimizer": "adagrad", "train.lr": 0.05})
+    train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
+    ref = fit(cfg, train, val, quiet=True)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore", RuntimeWarning)
+        got = fit(apply_overrides(cfg, {"train.kernel": "fused"}), train, val, quiet=True)
+    for a, b in zip(ref.history, got.history):
+        assert b["val_rmse"] == pytest.approx(a["val_rmse"], abs=1e-5)
+    assert ref.summary["val_rmse"] < ref.history[0]["val_rmse"]
+    with pytest.raises(ConfigError, match="weight_decay = 0"):
+        apply_overrides(cfg, {"train.kernel": "fused", "train.weight_decay": 1e-4})
+    with pytest.raises(ConfigError, match="not optimizer 'adam'"):
+        apply_overrides(cfg, {"train.kernel": "fused", "train.optimizer": "adam"})
 
 
 def test_trainer_fused_request_on_cpu_and_resume(tmp_path):
@@ -186,7 +254,7 @@ def test_trainer_fused_request_on_cpu_and_resume(tmp_path):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         got = fit(apply_overrides(cfg, {"train.kernel": "fused"}), train, val, quiet=True)
-    assert sum("lazy-Adam" in str(x.message) for x in w) == 1
+    assert sum("row step" in str(x.message) for x in w) == 1
     assert got.summary["val_rmse"] == ref.summary["val_rmse"]
     for k in ref.state:
         assert torch.equal(got.state[k], ref.state[k])

@@ -1,6 +1,7 @@
-"""kernels.triton_adam: the fused lazy-Adam kernels against the float64 definition and their
-torch twin, on CPU through Triton's interpreter and on CUDA compiled; ragged d, repeated
-and untouched rows, several programs per launch; the sm_90 compile (no spills)."""
+"""kernels.triton_row_optim: the fused lazy-Adam and Adagrad kernels against the float64
+definition / torch.optim.Adagrad and their torch twins, on CPU through Triton's interpreter
+and on CUDA compiled; ragged d, repeated and untouched rows, several programs per launch;
+the sm_90 compile (no spills)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,29 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'svdf
                                      "the fused kernels and their tests need it")
 
 from svdfill.kernels.sgd import RowSparseAdam  # noqa: E402
-from svdfill.kernels.sparse_adam import accumulate_gradients, apply_adam  # noqa: E402
-from svdfill.kernels.triton_adam import (  # noqa: E402
+from svdfill.kernels.row_optim import accumulate_gradients, apply_adam  # noqa: E402
+from svdfill.kernels.row_optim import apply_adagrad  # noqa: E402
+from svdfill.kernels.triton_row_optim import (  # noqa: E402
     compile_specs,
     fused_accumulate_gradients,
+    fused_apply_adagrad,
     fused_apply_adam,
 )
-from test_sparse_adam import ATOL_VS_FLOAT64, HP, batches, model, reference, sides_of  # noqa: E402
+from test_row_optim import (  # noqa: E402
+    ATOL_VS_FLOAT64,
+    HP,
+    adagrad_sides,
+    batches,
+    model,
+    reference,
+    sides_of,
+)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
-def device(request, monkeypatch):
-    """cpu: Triton's interpreter (TRITON_INTERPRET=1); cuda: the compiled kernels."""
-    if request.param == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        return request.getfixturevalue("cuda")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return torch.device("cpu")
+@pytest.fixture
+def device(kernel_device):
+    """cpu (Triton's interpreter) and cuda (compiled): conftest.kernel_device."""
+    return kernel_device
 
 
 def run(m, data, device, *, lr, scale, fused=True, block_n=None, block_r=None, idx=torch.int32):
@@ -80,6 +87,35 @@ def test_fused_equals_the_torch_twin_moments_included(device):
         for s in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_a.state[pa][s].cpu(), opt_b.state[pb][s], rtol=1e-5,
                                        atol=1e-9, msg=f"{k}.{s}")
+
+
+@pytest.mark.parametrize("d,block_r", [(5, 16), (16, None), (64, 16)])
+def test_fused_adagrad_equals_its_torch_twin(device, d, block_r):
+    data = batches(29, 11, 150, 4, seed=d, hot=True)
+    out = []
+    for fused, dev in ((True, device), (False, torch.device("cpu"))):
+        m = model(29, 11, d, seed=2).to(dev)
+        opt = torch.optim.Adagrad(list(m.parameters()), lr=0.05, lr_decay=0.01)
+        sides = adagrad_sides(m, opt)
+        for t, (u, i, r) in enumerate(data, start=1):
+            u, i, r = u.to(dev), i.to(dev), r.to(dev)
+            if fused:
+                fused_accumulate_gradients(*sides, 3.2, u.int(), i.int(), r, scale=1 / 150,
+                                           **HP)
+            else:
+                accumulate_gradients(*sides, 3.2, u, i, r, scale=1 / 150, **HP)
+            for side in sides:
+                (fused_apply_adagrad(side, lr=0.05, step=t, lr_decay=0.01, block_r=block_r)
+                 if fused else apply_adagrad(side, lr=0.05, step=t, lr_decay=0.01))
+        out.append((m, opt, sides))
+    (a, opt_a, sides_a), (b, opt_b, _) = out
+    for k in ("user_factors", "item_factors", "user_bias", "item_bias"):
+        pa, pb = getattr(a, k), getattr(b, k)
+        torch.testing.assert_close(pa.detach().cpu(), pb.detach(), rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(opt_a.state[pa]["sum"].cpu(), opt_b.state[pb]["sum"],
+                                   rtol=1e-5, atol=1e-9, msg=f"{k}.sum")
+    for side in sides_a:
+        assert not side.factors_grad.any() and not side.touched.any()
 
 
 def test_empty_batch_and_int64_ids(device):
