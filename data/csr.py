@@ -15,12 +15,15 @@ def _as_long(x: Any) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.int64)
 
 
-def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indptr int64 [n_users+1], indices int32 [nnz]) of the distinct (user, item) pairs.
+def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = None,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indptr int64 [n_users+1], indices int32 [nnz]) of the distinct (user, item) pairs,
+    on the CPU.
 
-    users, items: integer tensors/arrays [n] (any int dtype, any device; the CSR is built
-    on the CPU). Repeated pairs appear once. ``n_items`` (optional) bounds-checks items.
+    users, items: integer tensors/arrays [n] (any int dtype, any device). Repeated pairs
+    appear once. ``n_items`` (optional) bounds-checks items. ``device``: where to sort — the
+    CPU by default; a CUDA device sorts 100M pairs in tens of milliseconds where 2 CPU cores
+    take ~10 s (falls back to the CPU when the GPU lacks memory).
     """
     u, i = _as_long(users).reshape(-1), _as_long(items).reshape(-1)
     if u.shape != i.shape:
@@ -31,13 +34,23 @@ def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = Non
         if int(i.min()) < 0 or (n_items is not None and int(i.max()) >= n_items):
             raise ValueError(f"build_csr: item ids must lie in [0, {n_items if n_items is not None else '∞'})")
     width = int(i.max()) + 1 if i.numel() else 1
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and u.numel():
+        try:
+            return _csr_of(u.to(dev), i.to(dev), n_users, width)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return _csr_of(u, i, n_users, width)
+
+
+def _csr_of(u: torch.Tensor, i: torch.Tensor, n_users: int, width: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     key = torch.unique(u * width + i, sorted=True)  # sorts by (user, item) and drops repeats
-    su = torch.div(key, width, rounding_mode="floor")
-    indices = (key - su * width).to(torch.int32)
-    counts = torch.bincount(su, minlength=n_users)
-    indptr = torch.zeros(n_users + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=indptr[1:])
-    return indptr, indices
+    # row starts by binary search in the sorted keys: cheaper than a bincount + cumsum
+    starts = torch.arange(n_users + 1, device=key.device, dtype=torch.int64) * width
+    indptr = torch.searchsorted(key, starts)
+    indices = torch.remainder(key, width).to(torch.int32)
+    return indptr.cpu(), indices.cpu()
 
 
 def csr_row(indptr: torch.Tensor, indices: torch.Tensor, user: int) -> torch.Tensor:

@@ -767,6 +767,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
         import json
         return json.loads((run_dir / ck.SUMMARY_FILE).read_text())
 
+    t_start = time.perf_counter()
     ratings, idmap = data if data is not None else load_dataset(cfg.data)
     if len(ratings) == 0:
         raise UserError(f"{cfg.data.path or 'synthetic data'}: no ratings to train on")
@@ -784,13 +785,16 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
             log(f"training on {len(train):,} ratings ({ratings.n_users:,} users × {ratings.n_items:,} items), "
                 f"validating on {len(val):,}; {cfg.train.solver if cfg.train.solver != 'sgd' else 'sgd/' + cfg.train.optimizer}, d={cfg.model.factors}, "
                 f"device {w.device}" + (f", world {w.world_size}" if w.world_size > 1 else ""))
+        t_fit = time.perf_counter()
         res = fit(cfg, train, val, w, run_dir, resume=action == "resume", quiet=quiet, log=log,
                   extra_checkpoint={"idmap": idmap.to_state()})
+        t_write = time.perf_counter()
         if w.is_main:
             trained_on = train.cat(val) if res.summary["refit"] else train
             wrote_final.append(run_dir / ck.SEEN_FILE)
-            ck.save_seen(run_dir, build_csr(trained_on.users, trained_on.items, ratings.n_users),
-                         build_csr(ratings.users, ratings.items, ratings.n_users))
+            ck.save_seen(run_dir, build_csr(trained_on.users, trained_on.items, ratings.n_users,
+                                            device=w.device),
+                         build_csr(ratings.users, ratings.items, ratings.n_users, device=w.device))
             wrote_final.append(run_dir / ck.MODEL_FILE)
             ck.save_model(run_dir, res.state, idmap, cfg, res.summary)
             ck.save_jsonl(run_dir / ck.METRICS_FILE, res.history)
@@ -802,6 +806,9 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
                 write_learning_curve(run_dir)
             except ImportError:
                 pass
+            if not quiet:
+                log(f"wall time: data {t_fit - t_start:.1f} s (load, split), training "
+                    f"{t_write - t_fit:.1f} s, writing the run {time.perf_counter() - t_write:.1f} s")
         w.barrier()
     except BaseException:
         if w.is_main:

@@ -22,7 +22,8 @@ from svdfill.launch import cmd_fill
 from svdfill.launch.errors import run_reporting_errors
 
 
-def make_run(root: Path, n_users=50, n_items=40, *, str_items=True, seed=0, seen_p=0.3) -> Path:
+def make_run(root: Path, n_users=50, n_items=40, *, str_items=True, seed=0, seen_p=0.3,
+             cfg: Config | None = None) -> Path:
     """A run directory with dyadic weights (exact float32 scores), raw ids that differ from
     contiguous ids (users 1000, 1003, …; items 'm000', … or 500, 507, …) and seen sets."""
     rng = np.random.default_rng(seed)
@@ -37,7 +38,7 @@ def make_run(root: Path, n_users=50, n_items=40, *, str_items=True, seed=0, seen
     users = 1000 + 3 * np.arange(n_users)
     items = (np.array([f"m{i:03d}" for i in range(n_items)], dtype=object) if str_items
              else 500 + 7 * np.arange(n_items))
-    save_model(run, state, IdMap(users, items), Config(), {})
+    save_model(run, state, IdMap(users, items), cfg or Config(), {})
     mask = rng.random((n_users, n_items)) < seen_p
     mask[0] = True  # a user who has seen everything
     train = mask & (rng.random(mask.shape) < 0.8)
@@ -282,6 +283,24 @@ def test_device_cuda_without_gpu_is_an_error(tmp_path, capsys):
     run = make_run(tmp_path)
     assert fill("--model", str(run), "--out", str(tmp_path / "r.parquet"), "--device", "cuda") == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_gpu_dtype_of_the_run_computes_in_float32_on_cpu(tmp_path, capsys):
+    """fill.dtype = bfloat16 (a tensor-core setting, e.g. configs/synthetic-600k.toml) on a
+    CPU fill: float32 with a note, exact as float32; an explicit --dtype is obeyed."""
+    from svdfill.config import apply_overrides
+
+    run = make_run(tmp_path, cfg=apply_overrides(Config(), {"fill.dtype": "bfloat16"}))
+    out = tmp_path / "r.parquet"
+    assert fill("--model", str(run), "--k", "5", "--out", str(out), "--device", "cpu") == 0
+    assert "fill.dtype = bfloat16 is a GPU setting; computing in float32" in capsys.readouterr().out
+    assert read_export_metadata(out)["svdfill.dtype"] == "float32"
+    ref = reference(run, 5, np.load(tmp_path / "seen_mask.npy"))
+    assert [(u, i, r) for u, i, _, r in rows_of(out)] == [(u, i, r) for u, i, _, r in ref]
+    forced = tmp_path / "bf.parquet"
+    assert fill("--model", str(run), "--k", "5", "--out", str(forced), "--device", "cpu",
+                "--dtype", "bfloat16", "--quiet") == 0
+    assert read_export_metadata(forced)["svdfill.dtype"] == "bfloat16"
 
 
 def test_cuda_export_equals_cpu_export(tmp_path, cuda):

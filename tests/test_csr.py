@@ -42,3 +42,14 @@ def test_numpy_input_and_bounds():
         build_csr(np.array([0, 1]), np.array([0]), 4)
     empty = build_csr(np.zeros(0, np.int64), np.zeros(0, np.int64), 3)
     assert empty[0].tolist() == [0, 0, 0, 0] and empty[1].numel() == 0
+
+
+def test_cuda_build_equals_cpu_build(cuda):
+    rng = np.random.default_rng(7)
+    users, items = rng.integers(0, 300, 5000), rng.integers(0, 90, 5000)
+    want = build_csr(users, items, 301)
+    got = build_csr(torch.tensor(users, device=cuda), torch.tensor(items), 301, device=cuda)
+    assert got[0].device.type == "cpu" and got[1].device.type == "cpu"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    empty = build_csr(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, device=cuda)
+    assert empty[0].tolist() == [0, 0, 0, 0]
