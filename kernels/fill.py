@@ -4,8 +4,11 @@ For a block of users B and a tile of items T the scores are one GEMM,
 ``S = [P_B, 1] · [Q_T, b_T]ᵀ`` (the item bias rides in the GEMM as an extra column), seen
 pairs are set to −inf by one vectorized scatter from the CSR slice of the block, the
 tile's top-k per row is taken and merged with the running top-k of the earlier tiles.
-``b_u`` and ``μ`` shift a whole row and so never change a user's ranking: they are added
-to the returned scores only. Nothing of size U × I is ever allocated: tiles are sized from
+``b_u + μ`` shifts a whole row, but it is added (in float32) to every tile *before* the
+selection: after the addition two scores a few ulps apart can become one float32, and the
+tie rule below must hold for the scores that are returned — the same rule
+:func:`merge_topk` applies across item shards, so a sharded fill equals the single one.
+Nothing of size U × I is ever allocated: tiles are sized from
 free device memory (CUDA) or a budget (CPU, 256 MiB unless ``memory_budget`` says).
 
 Ties are broken by the lower item id, always. ``torch.topk`` orders a tied group
@@ -371,6 +374,11 @@ def fill_topk(
         for u0 in range(0, n_users, block):
             u1 = min(u0 + block, n_users)
             pa = _augment(user_factors[u0:u1], ones[: u1 - u0], mode)
+            # μ + b_u in float32 on every tile *before* the selection: the ranking (and the
+            # tie rule) must see the scores that are reported. Added after it, two scores a
+            # few ulps apart could round to one value and stay in the order of the unshifted
+            # ones — not by item id, and unlike merge_topk over shards of the same users.
+            shift = (user_bias[u0:u1].to(torch.float32) + float(global_mean)).unsqueeze(1)
             if seen is not None:
                 a, b = int(indptr[u0]), int(indptr[u1])
                 counts = (indptr[u0 + 1 : u1 + 1] - indptr[u0:u1]).to(device)
@@ -385,7 +393,7 @@ def fill_topk(
                     rows, cols, bounds = _seen_by_tile(rows, cols, tile, n_tiles)
             best_s = best_i = None
             for t, i0 in enumerate(range(0, n_items, tile)):
-                s = _scores(pa, qa_t[t])  # [B, T]
+                s = _scores(pa, qa_t[t]).add_(shift)  # [B, T]
                 width = s.shape[1]
                 if seen is not None:
                     if n_tiles == 1:
@@ -406,8 +414,7 @@ def fill_topk(
                     cat_s, perm = torch.sort(cat_s, dim=1, descending=True, stable=True)
                     best_s, best_i = cat_s[:, :kk], torch.gather(cat_i, 1, perm[:, :kk])
             dead = torch.isneginf(best_s)  # seen items: not recommendations
-            shift = (user_bias[u0:u1].to(torch.float32) + float(global_mean)).unsqueeze(1)
-            out_s[u0:u1, :kk] = torch.where(dead, neg_inf, best_s + shift)
+            out_s[u0:u1, :kk] = best_s
             out_i[u0:u1, :kk] = torch.where(dead, -1, best_i + item_offset)
     return out_s, out_i
 

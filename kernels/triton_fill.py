@@ -9,8 +9,9 @@ The kernel never sorts. Each program takes ``BLOCK_U`` users × a chunk of items
 the chunk in tiles of ``BLOCK_I`` items:
 
 1. ``S = P_B · Q_Tᵀ`` on the tensor cores (``tl.dot``; float32 inputs with IEEE precision,
-   tf32, or bf16 inputs; float32 accumulation), ``+ b_i``; item columns past the chunk and
-   the user's seen items (walked from the CSR with one cursor per row, rows sorted) → −inf.
+   tf32, or bf16 inputs; float32 accumulation), ``+ b_i``, then ``+ (μ + b_u)`` (so every
+   comparison below is on the reported score); item columns past the chunk and the user's
+   seen items (walked from the CSR with one cursor per row, rows sorted) → −inf.
 2. A per-row **lower bound** ``t`` on the user's k-th best unseen score: the program keeps
    ``M[row, j]`` = max score so far in tile column ``j``. Columns hold distinct items, so
    the k-th largest entry of a row of ``M`` is reached by ≥ k distinct unseen items and is
@@ -66,7 +67,7 @@ _KEY_EMPTY = torch.iinfo(torch.int64).min
 
 
 def _fill_kernel(
-    P, Q, IB, rows_ptr, n_rows, n_items, d, stride_p, stride_q,
+    P, Q, IB, SH, rows_ptr, n_rows, n_items, d, stride_p, stride_q,
     indptr_ptr, seen_ptr, seen_base,
     thr_ptr, cnt_ptr, buf_ptr, cap, chunk_len, k,
     BLOCK_U: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,6 +85,8 @@ def _fill_kernel(
     c1 = tl.minimum(c0 + chunk_len, n_items)
     # rows past the end get +inf: nothing passes the bound, nothing is written for them
     thr = tl.load(thr_ptr + r64, mask=rm, other=float("inf"))
+    # μ + b_u, added before any comparison: the selection sees the reported scores
+    sh = tl.load(SH + user, mask=rm, other=0.0)
     best = tl.full([BLOCK_U, BLOCK_I], float("-inf"), tl.float32)
     cols0 = tl.arange(0, BLOCK_I)
     if HAS_SEEN:
@@ -118,7 +121,7 @@ def _fill_kernel(
             acc = tl.dot(p, tl.trans(q), acc, input_precision=PRECISION)
         ib = tl.load(IB + cols, mask=cm, other=0.0)
         # + 0.0 turns -0.0 into +0.0 so equal scores pack to equal keys
-        s = tl.where(cm[None, :], acc + ib[None, :] + 0.0, float("-inf"))
+        s = tl.where(cm[None, :], (acc + ib[None, :]) + sh[:, None] + 0.0, float("-inf"))
         if HAS_SEEN:
             t1 = t0 + BLOCK_I
             while tl.max((nxt < t1).to(tl.int32), axis=0) > 0:
@@ -262,7 +265,7 @@ def compile_specs(k: int = 100, d: int = 128, **tiles) -> list[tuple[str, dict, 
                                   ("fp32", "*fp32", "ieee")):
         cfg = launch_config(k, d, precision=precision, wide=elt == "*fp32", **tiles)
         num_warps = cfg.pop("num_warps")
-        sig = {"P": elt, "Q": elt, "IB": "*fp32", "rows_ptr": "*i64", "n_rows": "i32",
+        sig = {"P": elt, "Q": elt, "IB": "*fp32", "SH": "*fp32", "rows_ptr": "*i64", "n_rows": "i32",
                "n_items": "i32", "d": "i32", "stride_p": "i32", "stride_q": "i32",
                "indptr_ptr": "*i64", "seen_ptr": "*i32", "seen_base": "i32", "thr_ptr": "*fp32",
                "cnt_ptr": "*i32", "buf_ptr": "*i32", "cap": "i32", "chunk_len": "i32", "k": "i32"}
@@ -355,7 +358,7 @@ def fill_topk_triton(
     P = user_factors.detach().to(store_dtype).contiguous()
     Q = item_factors.detach().to(store_dtype).contiguous()
     IB = item_bias.detach().to(torch.float32).contiguous()
-    row_shift = user_bias.detach().to(torch.float32) + float(global_mean)
+    row_shift = (user_bias.detach().to(torch.float32) + float(global_mean)).contiguous()
     if seen is not None:
         indptr, indices = seen
         if indptr.shape != (n_users + 1,):
@@ -395,7 +398,7 @@ def fill_topk_triton(
         chunks = math.ceil(n_items / chunk_len)
         launch(
             _fill_kernel, device, (ublocks, chunks),
-            P, Q, IB, rows, n, n_items, d, P.stride(0), Q.stride(0),
+            P, Q, IB, row_shift, rows, n, n_items, d, P.stride(0), Q.stride(0),
             indptr, indices, int(seen_base),
             thr, cnt, buf.view(torch.int32), capacity, chunk_len, min(k, block_i),
             BLOCK_U=block_u, BLOCK_I=block_i, BLOCK_K=cfg["BLOCK_K"], K_TILES=cfg["K_TILES"],
@@ -412,7 +415,6 @@ def fill_topk_triton(
         top = torch.topk(buf, min(kk, buf.shape[1]), dim=1).values
         scores, items = _decode(top)
         valid = items >= 0
-        scores = torch.where(valid, scores + row_shift[rows][:, None], scores)
         items = torch.where(valid, items + item_offset, items)
         out_scores[rows, : scores.shape[1]] = scores
         out_items[rows, : items.shape[1]] = items

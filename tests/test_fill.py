@@ -197,6 +197,30 @@ def test_merge_topk_of_item_shards_equals_whole(device):
         assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1])
 
 
+def _rounding_tie_inputs():
+    """Two items whose scores differ before μ + b_u is added and are one float32 after it:
+    q_1 = q_0 + 2⁻²⁰, b_u = 1024 (an ulp there is 2⁻¹³); the higher raw score has the
+    higher id, so ranking on unshifted scores breaks the tie rule."""
+    P = torch.tensor([[1.0], [1.0]])
+    Q = torch.tensor([[0.25], [0.25 + 2.0 ** -20], [0.125]])
+    bu, bi = torch.tensor([1024.0, 0.0]), torch.zeros(3)
+    return P, Q, bu, bi
+
+
+def test_ties_made_by_the_user_shift_follow_the_reported_scores(device):
+    P, Q, bu, bi = _rounding_tie_inputs()
+    s, i = fill_topk(*to_dev(device, P, Q, bu, bi), 0.0, 3)
+    assert s[0, 0] == s[0, 1] == 1024.25 and i[0].tolist() == [0, 1, 2]
+    assert i[1].tolist() == [1, 0, 2]  # no shift: the raw order stands
+    one = fill_topk(*to_dev(device, P, Q, bu, bi), 0.0, 1)
+    assert one[1][:, 0].tolist() == [0, 1]  # the cut at k keeps the lower id of the tie
+    # item shards merged give the same lists
+    parts = [fill_topk(*to_dev(device, P, Q[lo:hi], bu, bi[lo:hi]), 0.0, 3, item_offset=lo)
+             for lo, hi in ((0, 1), (1, 3))]
+    merged = merge_topk(parts)
+    assert torch.equal(merged[0], s) and torch.equal(merged[1], i)
+
+
 def test_merge_topk_ties_padding_and_k():
     s1 = torch.tensor([[2.0, 1.0, float("-inf")]])
     i1 = torch.tensor([[9, 5, -1]])

@@ -135,6 +135,19 @@ def test_all_scores_tied_breaks_by_lower_item(device):
     assert torch.equal(i.cpu(), ref_i) and torch.equal(s.cpu().double(), ref_s)
 
 
+def test_ties_made_by_the_user_shift_follow_the_reported_scores(device):
+    """Selection on μ + b_u + b_i + p·q, not on the unshifted score (see test_fill)."""
+    from test_fill import _rounding_tie_inputs
+
+    P, Q, bu, bi = _rounding_tie_inputs()
+    P, Q = torch.cat([P, torch.zeros(14, 1)]), torch.cat([Q, torch.zeros(13, 1)])
+    bu, bi = torch.cat([bu, torch.zeros(14)]), torch.cat([bi, torch.full((13,), -9.0)])
+    for k in (1, 3):
+        s, i = fill_topk_triton(*on(device, P, Q, bu, bi), 0.0, k, block_u=16, block_i=16)
+        assert i[0].cpu().tolist() == [0, 1, 2][:k] and i[1].cpu().tolist() == [1, 0, 2][:k]
+        assert float(s[0, 0]) == 1024.25
+
+
 def test_negative_zero_ties_with_positive_zero(device):
     """-0.0 and +0.0 are equal scores: the lower item must win, whatever the sign bit."""
     P = torch.tensor([[1.0], [1.0]] + [[0.0]] * 14)

@@ -202,6 +202,9 @@ def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
         _ddp_step(rank, world_size, sparse=False)  # dense all-reduce (what nccl does)
         _ddp_step(rank, world_size, sparse=True)   # gloo's sparse all-reduce
         _sparse_adam_fits(rank, world_size)
+        # leave together: a rank that tears its group down while the other still runs its
+        # last comparisons closes the sockets under gloo's threads (SIGABRT at exit)
+        dist.barrier()
     except BaseException:  # pragma: no cover - reported to the parent
         errors.put(f"rank {rank}: {traceback.format_exc()}")
     finally:
