@@ -203,8 +203,8 @@ def bench_fill(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         got = [fn(b) for b in range(len(blocks))]
         sec = time.perf_counter() - t0
-        # identical lists except where float32 rounding of another GEMM shape reorders
-        # near-equal scores: count those users and bound the score differences
+        # the lists must be identical (the fill ranks the scores it returns, merge_topk
+        # applies the same tie rule); count any user that differs and bound the scores
         diff = sum(int((a[1] != r[1]).any(1).sum()) for a, r in zip(got, ref))
         dmax = max(float((a[0] - r[0]).abs().max()) for a, r in zip(got, ref))
         print(f"{f'{w} Ray actor(s)':<24}{start:>9.2f}{sec:>9.2f}{U * I / sec / 1e6:>10.1f}"
