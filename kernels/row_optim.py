@@ -110,7 +110,7 @@ def accumulate_gradients(user_side: RowSide, item_side: RowSide,
 
     users int32/int64 [n] (rows of the user side), items [n] (rows of the item side, local
     to a shard), ratings float32 [n]. Reads the parameters only: call it as often as
-    wanted before :func:`apply_adam` (sums accumulate).
+    wanted before :func:`apply_adam` / :func:`apply_adagrad` (sums accumulate).
     """
     users = users.long()
     items = items.long()
@@ -127,7 +127,8 @@ def accumulate_gradients(user_side: RowSide, item_side: RowSide,
 
 def _adam_rows(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                rows: torch.Tensor, size: float, beta1: float, beta2: float, eps: float) -> None:
-    # RowSparseAdam's arithmetic, operation for operation (the tests compare bitwise on CPU)
+    # RowSparseAdam's arithmetic, operation for operation: the paths then differ only by the
+    # order in which autograd and index_add_ sum a row's gradients
     grad = g.index_select(0, rows)
     m_new = m.index_select(0, rows)
     m_new = m_new + (grad - m_new) * (1 - beta1)

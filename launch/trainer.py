@@ -10,7 +10,9 @@ default single-process ``World()``:
   slicing its own permutation into that many near-equal chunks, so collectives pair up;
 - autograd optimizers run forward/backward through ``world.wrap(model)`` (DDP over the
   replicated user table); the no-autograd Funk ``sgd`` step sums its user-row deltas with
-  ``world.all_reduce_sum`` (W > 1) — see :func:`svdfill.kernels.sgd.sgd_step_split`;
+  ``world.all_reduce_sum`` (W > 1) — see :func:`svdfill.kernels.sgd.sgd_step_split`; the
+  row-sparse optimizer steps without autograd (``kernels.row_optim``: SparseAdam, and
+  Adagrad with ``kernel = "fused"``) all-reduce the user side's gradient sums the same way;
 - metric sums are all-reduced, so every rank sees the same validation RMSE and takes the
   same early-stopping decision;
 - checkpoints hold full tables (``world.gather_items``) written by the main rank only, so a
@@ -189,12 +191,12 @@ class _Trainer:
             self.opt = RowSparseAdam(params, lr=t.lr)
         self.wrapped = (world.wrap(self.model) if self.opt is not None and not self.direct
                         else None)
-        self.sgd_fn = sgd_step
-        if self.kind == "sgd" and t.kernel == "fused" and world.world_size == 1 \
+        self.sgd_fn, self.sgd_split_fn = sgd_step, sgd_step_split
+        if self.kind == "sgd" and t.kernel == "fused" \
                 and _fused_ok(torch.device(dev), "the torch sgd step"):
-            from svdfill.kernels.triton_sgd import fused_sgd_step
+            from svdfill.kernels.triton_sgd import fused_sgd_step, fused_sgd_step_split
 
-            self.sgd_fn = fused_sgd_step
+            self.sgd_fn, self.sgd_split_fn = fused_sgd_step, fused_sgd_step_split
         if self.kind in ("als", "gibbs") and world.world_size > 1:
             raise UserError(f"train.solver = {self.kind!r} runs on one process; use solver = 'sgd' "
                             "for distributed training")
@@ -251,10 +253,10 @@ class _Trainer:
                 else:
                     dP.zero_()
                     db.zero_()
-                    sgd_step_split(m.user_factors.data, m.item_factors.data, m.user_bias.data,
-                                   m.item_bias.data, mu, u, i, r, lr=lr,
-                                   reg_factors=self.reg_f, reg_bias=self.reg_b,
-                                   user_factors_delta=dP, user_bias_delta=db)
+                    self.sgd_split_fn(m.user_factors.data, m.item_factors.data,
+                                      m.user_bias.data, m.item_bias.data, mu, u, i, r, lr=lr,
+                                      reg_factors=self.reg_f, reg_bias=self.reg_b,
+                                      user_factors_delta=dP, user_bias_delta=db)
                     self.world.all_reduce_sum(dP)
                     self.world.all_reduce_sum(db)
                     m.user_factors.data += dP
