@@ -148,8 +148,8 @@ def fused_accumulate_gradients(user_side: RowSide, item_side: RowSide,
     device = user_side.factors.device
     if triton_mode(device) is None:
         row_optim.accumulate_gradients(user_side, item_side, global_mean, users, items,
-                                         ratings, reg_factors=reg_factors, reg_bias=reg_bias,
-                                         scale=scale)
+                                       ratings, reg_factors=reg_factors, reg_bias=reg_bias,
+                                       scale=scale)
         return
     d = user_side.factors.shape[1]
     if item_side.factors.shape[1] != d:
