@@ -318,7 +318,7 @@ def fill_topk(
     Args:
         user_factors: float32 [U, d]; item_factors float32 [I, d]; user_bias float32 [U];
             item_bias float32 [I]; all on one device (CPU or CUDA), which is where it runs.
-        global_mean: μ (float or 0-d tensor), added to the returned scores only.
+        global_mean: μ (float or 0-d tensor), added with b_u to every score in float32.
         k: items per user (>= 1); more than I is allowed (the tail is padding).
         seen: CSR ``(indptr int64 [U+1], indices int32/int64 [nnz])`` of local item ids
             (0..I-1) to exclude per user; on any device. None = exclude nothing.
