@@ -48,7 +48,9 @@ class FillShard:
         self.bu = torch.from_numpy(np.array(user_bias, dtype=np.float32)).to(dev)
         self.mu = float(global_mean)
         self.seen = None if seen is None else csr_restrict(seen[0], seen[1], self.lo, self.hi)
-        self.dtype = dtype
+        # tf32/bf16 are tensor-core settings (as `svdfill fill` treats them on a CPU): an
+        # actor without a GPU computes in float32, several times faster there
+        self.dtype = dtype if dev.type == "cuda" or dtype in (None, "float32") else "float32"
         self.memory_budget = memory_budget
 
     def where(self) -> dict:
@@ -59,6 +61,7 @@ class FillShard:
 
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "device": str(self.device),
+                "dtype": self.dtype or "float32",
                 "shard": (self.lo, self.hi), "ip": ray.util.get_node_ip_address()}
 
     def topk(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,4 +168,5 @@ def ray_sharded(num_actors: int, *, use_gpu: bool = False, depth: int = 2, sprea
                                     merge_device=torch.device(device))
         return factory
 
+    sharded.computes_here = False  # the actors pick their compute dtype for their devices
     return sharded

@@ -345,7 +345,8 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
     device = resolve_device(args.device if args.device is not None else
                             (None if fcfg.device == "cpu" else fcfg.device))
     dtype = args.dtype or fcfg.dtype
-    if args.dtype is None and dtype != "float32" and device.type != "cuda":
+    local = sharded is None or getattr(sharded, "computes_here", True)  # not Ray's actors
+    if args.dtype is None and dtype != "float32" and device.type != "cuda" and local:
         # tf32/bf16 are tensor-core settings: on a CPU, bf16 GEMMs run ~3× slower than
         # float32 (600k × 3k: 60 s vs 19 s, 2 cores) and tf32 does not exist
         if not args.quiet:

@@ -142,7 +142,8 @@ def fill(args: argparse.Namespace) -> int:
         where = ray.get([a.where.remote() for a in actors])
         nodes = len({w["node_id"] for w in where})
         print(f"ray: {len(actors)} fill actors on {nodes} node(s): " + ", ".join(
-            f"items [{w['shard'][0]}, {w['shard'][1]}) on {w['ip']} pid {w['pid']} {w['device']}"
+            f"items [{w['shard'][0]}, {w['shard'][1]}) on {w['ip']} pid {w['pid']} {w['device']} "
+            f"{w['dtype']}"
             for w in where), flush=True)
 
     return cmd_fill.main(args, sharded=ray_sharded(num_actors, use_gpu=use_gpu, on_start=on_start))
