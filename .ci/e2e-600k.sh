@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/svdfill-device}
 mkdir -p "$OUT"
 RES="$OUT/e2e.txt"
 ENGINES=${*:-torchrun ray}
-PY=python3
+PY=${PY:-python3}           # the interpreter with svdfill importable
 CONFIG=${CONFIG:-synthetic-600k}   # CONFIG=demo DEVICE=cpu tries the script on a laptop
 DEVICE=${DEVICE:-cuda}
 SIGMA=${SIGMA:-0.5}                # the config's data.synthetic.noise
@@ -50,7 +50,7 @@ PY
 
 date -u | tee "$RES"
 if [[ " $ENGINES " == *" torchrun "* ]]; then
-  R=/tmp/e2e-torchrun; rm -rf "$R"; T0=$(now)
+  R=${TMPDIR:-/tmp}/e2e-torchrun; rm -rf "$R"; T0=$(now)
   phase torchrun train $PY -m torch.distributed.run --standalone --nproc_per_node=1 \
     --rdzv-endpoint=127.0.0.1:0 -m svdfill.launch.torchrun_train --config "$CONFIG" \
     --out "$R" --device "$DEVICE" --quiet \
@@ -67,7 +67,7 @@ if [[ " $ENGINES " == *" ray "* ]]; then
   if $PY -c "import ray.train" > /dev/null 2>&1; then
     # Ray's traffic on loopback (see README, "Ray")
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
-    R=/tmp/e2e-ray; rm -rf "$R"; T0=$(now)
+    R=${TMPDIR:-/tmp}/e2e-ray; rm -rf "$R"; T0=$(now)
     phase ray train $PY -m svdfill.launch.ray_job train --config "$CONFIG" --out "$R" \
       --device "$DEVICE" $GPU_FLAG --num-workers 1 --quiet \
     && phase ray fill $PY -m svdfill.launch.ray_job fill --model "$R" --out "$R/recs.parquet" \

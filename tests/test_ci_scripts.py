@@ -1,0 +1,28 @@
+"""The device-check scripts under .ci/ run on the GPU machine only when a task is lent one;
+this keeps them from rotting in between: the end-to-end script on the demo preset, CPU,
+torchrun engine (the Ray engine is covered by tests/test_ray_job.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.multiprocess
+def test_e2e_script_runs_the_job_and_reports_each_phase(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), CONFIG="demo", DEVICE="cpu", SIGMA="0.5",
+               PY=sys.executable, TMPDIR=str(tmp_path))
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "e2e-600k.sh"), "torchrun"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = (tmp_path / "e2e.txt").read_text()
+    for line in ("torchrun  train  rc=0", "torchrun  fill   rc=0", "torchrun  total"):
+        assert line in report, report
+    assert "val RMSE" in report and "rows in 1 row groups" in report, report
+    assert (tmp_path / "summary-torchrun.json").exists()
