@@ -48,9 +48,10 @@ class FillShard:
         self.bu = torch.from_numpy(np.array(user_bias, dtype=np.float32)).to(dev)
         self.mu = float(global_mean)
         self.seen = None if seen is None else csr_restrict(seen[0], seen[1], self.lo, self.hi)
-        # tf32/bf16 are tensor-core settings (as `svdfill fill` treats them on a CPU): an
-        # actor without a GPU computes in float32, several times faster there
-        self.dtype = dtype if dev.type == "cuda" or dtype in (None, "float32") else "float32"
+        from svdfill.kernels.fill import device_dtype
+
+        # the driver leaves the choice to the actors (their devices, not its own)
+        self.dtype = device_dtype(dtype, dev)
         self.memory_budget = memory_budget
 
     def where(self) -> dict:

@@ -315,6 +315,7 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
         return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
     from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
     from svdfill.data.export import check_writable
+    from svdfill.kernels.fill import device_dtype
 
     out = Path(args.out)
     check_writable(out)
@@ -345,14 +346,12 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
     device = resolve_device(args.device if args.device is not None else
                             (None if fcfg.device == "cpu" else fcfg.device))
     dtype = args.dtype or fcfg.dtype
-    local = sharded is None or getattr(sharded, "computes_here", True)  # not Ray's actors
-    if args.dtype is None and dtype != "float32" and device.type != "cuda" and local:
-        # tf32/bf16 are tensor-core settings: on a CPU, bf16 GEMMs run ~3× slower than
-        # float32 (600k × 3k: 60 s vs 19 s, 2 cores) and tf32 does not exist
+    local = sharded is None or getattr(sharded, "computes_here", True)  # Ray actors choose
+    if args.dtype is None and local and device_dtype(dtype, device) != dtype:
         if not args.quiet:
             print(f"svdfill: fill.dtype = {dtype} is a GPU setting; computing in float32 on "
                   f"{device} (--dtype {dtype} forces it)")
-        dtype = "float32"
+        dtype = device_dtype(dtype, device)
     budget_mb = args.memory_budget_mb if args.memory_budget_mb is not None else fcfg.memory_budget_mb
     block = args.user_block if args.user_block is not None else (fcfg.user_block or None)
     budget = budget_mb * 2**20 if budget_mb else None
