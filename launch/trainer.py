@@ -165,9 +165,17 @@ class _Trainer:
             t.kernel == "fused" or world.world_size == 1
             or not getattr(world, "sparse_users", True))) or (
             self.kind == "adagrad" and t.kernel == "fused")
-        self.direct_fused = (self.direct and t.kernel == "fused"
-                             and _fused_ok(torch.device(dev), f"the torch {self.kind} row step"))
         self.sides: tuple[RowSide, RowSide] | None = None
+        if self.direct:  # the step's two phases, chosen once
+            adam = self.kind == "sparse_adam"
+            self.row_accumulate, self.row_apply = (
+                accumulate_gradients, apply_adam if adam else apply_adagrad)
+            if t.kernel == "fused" and _fused_ok(torch.device(dev),
+                                                 f"the torch {self.kind} row step"):
+                from svdfill.kernels import triton_row_optim as k
+
+                self.row_accumulate = k.fused_accumulate_gradients
+                self.row_apply = k.fused_apply_adam if adam else k.fused_apply_adagrad
         self.model = BiasedMF(n_users, n_items_local, cfg.model.factors, init_std=cfg.model.init_std,
                               global_mean=global_mean, seed=t.seed, item_offset=lo,
                               sparse=self.kind == "sparse_adam" and not self.direct).to(dev)
@@ -336,15 +344,8 @@ class _Trainer:
                            *state(m.item_bias)))
         users_side, items_side = self.sides
         group = o.param_groups[0]
-        if self.direct_fused:
-            from svdfill.kernels import triton_row_optim as k
-
-            accumulate = k.fused_accumulate_gradients
-            apply = k.fused_apply_adam if adam else k.fused_apply_adagrad
-        else:
-            accumulate, apply = accumulate_gradients, apply_adam if adam else apply_adagrad
-        accumulate(users_side, items_side, mu, u, i, r, reg_factors=self.reg_f,
-                   reg_bias=self.reg_b, scale=scale)
+        self.row_accumulate(users_side, items_side, mu, u, i, r, reg_factors=self.reg_f,
+                            reg_bias=self.reg_b, scale=scale)
         if self.world.world_size > 1:
             # replicated user rows: the sums (and marks) of all ranks' batches, densely
             for t in (users_side.factors_grad, users_side.bias_grad, users_side.touched):
@@ -358,7 +359,7 @@ class _Trainer:
             step = int(o.state[m.user_factors]["step"])
             hp = {"lr_decay": group["lr_decay"], "eps": group["eps"]}
         for side in self.sides:
-            apply(side, lr=group["lr"], step=step, **hp)
+            self.row_apply(side, lr=group["lr"], step=step, **hp)
 
     # -- metrics -----------------------------------------------------------------------------
     @torch.no_grad()
