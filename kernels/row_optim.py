@@ -93,6 +93,28 @@ class RowSide:
                 raise ValueError(f"RowSide: {name} must be contiguous on {self.factors.device}")
 
 
+def model_sides(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                ) -> tuple[RowSide, RowSide]:
+    """(users side, items side) of a :class:`~svdfill.kernels.model.BiasedMF` over the state
+    of its optimizer — :class:`~svdfill.kernels.sgd.RowSparseAdam` (moments made if new) or
+    ``torch.optim.Adagrad`` (its sums) — with fresh scratch. Build it again after the
+    optimizer's state is replaced (a loaded checkpoint)."""
+    from svdfill.kernels.sgd import RowSparseAdam
+
+    if isinstance(optimizer, RowSparseAdam):
+        state = optimizer.moments
+    elif isinstance(optimizer, torch.optim.Adagrad):
+        def state(p):
+            return optimizer.state[p]["sum"], optimizer.state[p]["sum"]  # m unused
+    else:
+        raise TypeError(f"model_sides: a RowSparseAdam or Adagrad, not {type(optimizer).__name__}")
+    m = model
+    return (RowSide.of(m.user_factors.data, m.user_bias.data, *state(m.user_factors),
+                       *state(m.user_bias)),
+            RowSide.of(m.item_factors.data, m.item_bias.data, *state(m.item_factors),
+                       *state(m.item_bias)))
+
+
 def step_size(lr: float, step: int, betas: tuple[float, float]) -> float:
     """Adam's bias-corrected step ``lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ)`` for step ``t ≥ 1``."""
     if step < 1:
@@ -190,4 +212,4 @@ def apply_adam(side: RowSide, *, lr: float, step: int,
 
 
 __all__ = ["RowSide", "accumulate_gradients", "adagrad_lr", "apply_adagrad", "apply_adam",
-           "step_size"]
+           "model_sides", "step_size"]

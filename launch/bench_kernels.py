@@ -324,7 +324,6 @@ def _row_impls(torch, mu, lr, optimizer):
     per occurrence, ÷ the batch size)."""
     from svdfill.kernels import row_optim, triton_row_optim
     from svdfill.kernels.model import BiasedMF
-    from svdfill.kernels.row_optim import RowSide
     from svdfill.kernels.sgd import RowSparseAdam
 
     reg_f, reg_b = 0.02, 0.01
@@ -358,11 +357,7 @@ def _row_impls(torch, mu, lr, optimizer):
             m = as_model(P, Q, bu, bi)
             opt = optimizer_of(m)
 
-            def state(p):
-                return opt.moments(p) if adam else (opt.state[p]["sum"],) * 2
-
-            sides = (RowSide.of(P, bu, *state(m.user_factors), *state(m.user_bias)),
-                     RowSide.of(Q, bi, *state(m.item_factors), *state(m.item_bias)))
+            sides = row_optim.model_sides(m, opt)
             count = [0]
 
             def step(u, i, r):

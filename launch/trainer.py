@@ -45,7 +45,13 @@ from svdfill.distributed.world import World
 from svdfill.kernels.metrics import error_sums, metrics_from_sums
 from svdfill.kernels.model import BiasedMF
 from svdfill.kernels.sgd import RowSparseAdam, sgd_step, sgd_step_split
-from svdfill.kernels.row_optim import RowSide, accumulate_gradients, apply_adagrad, apply_adam
+from svdfill.kernels.row_optim import (
+    RowSide,
+    accumulate_gradients,
+    apply_adagrad,
+    apply_adam,
+    model_sides,
+)
 from svdfill.launch.errors import UserError
 
 USER_PARAMS = ("user_factors", "user_bias")
@@ -332,16 +338,7 @@ class _Trainer:
         m, o = self.model, self.opt
         adam = self.kind == "sparse_adam"
         if self.sides is None:  # built late: loading a checkpoint replaces the state tensors
-            def state(p):
-                if adam:
-                    return o.moments(p)
-                return o.state[p]["sum"], o.state[p]["sum"]  # Adagrad: the sums (m unused)
-
-            self.sides = (
-                RowSide.of(m.user_factors.data, m.user_bias.data, *state(m.user_factors),
-                           *state(m.user_bias)),
-                RowSide.of(m.item_factors.data, m.item_bias.data, *state(m.item_factors),
-                           *state(m.item_bias)))
+            self.sides = model_sides(m, o)
         users_side, items_side = self.sides
         group = o.param_groups[0]
         self.row_accumulate(users_side, items_side, mu, u, i, r, reg_factors=self.reg_f,

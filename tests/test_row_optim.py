@@ -20,6 +20,7 @@ from svdfill.kernels.row_optim import (
     adagrad_lr,
     apply_adagrad,
     apply_adam,
+    model_sides,
     step_size,
 )
 
@@ -30,14 +31,6 @@ ATOL_VS_FLOAT64 = 5e-5
 """Adam divides each coordinate by its own RMS, so where a coordinate's gradient sum is small
 its float32 rounding moves the step by up to ~1e-3·lr (measured 9e-6 at lr 0.03 for the torch
 twin and the fused kernels alike); elsewhere the agreement is ~1e-7."""
-
-
-def sides_of(model: BiasedMF, opt: RowSparseAdam) -> tuple[RowSide, RowSide]:
-    m = model
-    return (RowSide.of(m.user_factors.data, m.user_bias.data, *opt.moments(m.user_factors),
-                           *opt.moments(m.user_bias)),
-            RowSide.of(m.item_factors.data, m.item_bias.data, *opt.moments(m.item_factors),
-                           *opt.moments(m.item_bias)))
 
 
 def batches(U, I, n, steps, seed, *, hot=False):
@@ -88,7 +81,7 @@ def test_steps_equal_the_float64_definition(hot):
     m = model()
     ref = reference(m, data, lr=0.05, scale=1 / 40, **HP)
     opt = RowSparseAdam(list(m.parameters()), lr=0.05)
-    users_side, items_side = sides_of(m, opt)
+    users_side, items_side = model_sides(m, opt)
     for u, i, r in data:
         accumulate_gradients(users_side, items_side, 3.2, u, i, r, scale=1 / 40, **HP)
         step = opt.advance()
@@ -110,7 +103,7 @@ def test_equals_autograd_and_row_sparse_adam():
     a.sparse = True
     opt_a = RowSparseAdam(list(a.parameters()), lr=0.02)
     opt_b = RowSparseAdam(list(b.parameters()), lr=0.02)
-    sides = sides_of(b, opt_b)
+    sides = model_sides(b, opt_b)
     for u, i, r in data:
         opt_a.zero_grad(set_to_none=True)
         pred, pen = a(u, i, reg=(HP["reg_factors"], HP["reg_bias"]))
@@ -129,14 +122,6 @@ def test_equals_autograd_and_row_sparse_adam():
                                        atol=1e-9, msg=f"{k}.{s}")
 
 
-def adagrad_sides(model: BiasedMF, opt: torch.optim.Adagrad) -> tuple[RowSide, RowSide]:
-    m, st = model, opt.state
-    return (RowSide.of(m.user_factors.data, m.user_bias.data, st[m.user_factors]["sum"],
-                       st[m.user_factors]["sum"], st[m.user_bias]["sum"], st[m.user_bias]["sum"]),
-            RowSide.of(m.item_factors.data, m.item_bias.data, st[m.item_factors]["sum"],
-                       st[m.item_factors]["sum"], st[m.item_bias]["sum"], st[m.item_bias]["sum"]))
-
-
 @pytest.mark.parametrize("lr_decay", [0.0, 0.05])
 def test_adagrad_rows_equal_torch_dense_adagrad(lr_decay):
     """Dense torch Adagrad over autograd's gradient of the same loss: untouched rows get a
@@ -145,7 +130,7 @@ def test_adagrad_rows_equal_torch_dense_adagrad(lr_decay):
     a, b = model(seed=5), model(seed=5)
     opt_a = torch.optim.Adagrad(list(a.parameters()), lr=0.05, lr_decay=lr_decay)
     opt_b = torch.optim.Adagrad(list(b.parameters()), lr=0.05, lr_decay=lr_decay)
-    sides = adagrad_sides(b, opt_b)
+    sides = model_sides(b, opt_b)
     for t, (u, i, r) in enumerate(data, start=1):
         opt_a.zero_grad(set_to_none=True)
         pred, pen = a(u, i, reg=(HP["reg_factors"], HP["reg_bias"]))
@@ -169,7 +154,7 @@ def test_adagrad_rows_equal_torch_dense_adagrad(lr_decay):
 def test_untouched_rows_keep_parameters_and_moments():
     m = model()
     opt = RowSparseAdam(list(m.parameters()), lr=0.1)
-    users_side, items_side = sides_of(m, opt)
+    users_side, items_side = model_sides(m, opt)
     users_side.factors_m.fill_(0.5)
     before = {k: getattr(m, k).detach().clone() for k in ("user_factors", "item_factors")}
     u, i, r = torch.tensor([2, 2, 5]), torch.tensor([0, 3, 3]), torch.tensor([4.0, 1.0, 5.0])
@@ -199,7 +184,9 @@ def test_state_helpers_and_checks():
         step_size(0.1, 0, BETAS)
     with pytest.raises(ValueError, match="bias_m must be"):
         RowSide.of(m.user_factors.data, m.user_bias.data, ea, eas, torch.zeros(3),
-                       torch.zeros(13))
+                   torch.zeros(13))
+    with pytest.raises(TypeError, match="RowSparseAdam or Adagrad"):
+        model_sides(m, torch.optim.SGD(list(m.parameters()), lr=0.1))
 
 
 def _trainer_cfg(**over):

@@ -12,8 +12,12 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'svdf
                                      "the fused kernels and their tests need it")
 
 from svdfill.kernels.sgd import RowSparseAdam  # noqa: E402
-from svdfill.kernels.row_optim import accumulate_gradients, apply_adam  # noqa: E402
-from svdfill.kernels.row_optim import apply_adagrad  # noqa: E402
+from svdfill.kernels.row_optim import (  # noqa: E402
+    accumulate_gradients,
+    apply_adagrad,
+    apply_adam,
+    model_sides,
+)
 from svdfill.kernels.triton_row_optim import (  # noqa: E402
     compile_specs,
     fused_accumulate_gradients,
@@ -23,11 +27,9 @@ from svdfill.kernels.triton_row_optim import (  # noqa: E402
 from test_row_optim import (  # noqa: E402
     ATOL_VS_FLOAT64,
     HP,
-    adagrad_sides,
     batches,
     model,
     reference,
-    sides_of,
 )
 
 
@@ -40,7 +42,7 @@ def device(kernel_device):
 def run(m, data, device, *, lr, scale, fused=True, block_n=None, block_r=None, idx=torch.int32):
     m = m.to(device)
     opt = RowSparseAdam(list(m.parameters()), lr=lr)
-    sides = sides_of(m, opt)
+    sides = model_sides(m, opt)
     for u, i, r in data:
         u, i, r = u.to(device, idx), i.to(device, idx), r.to(device)
         if fused:
@@ -96,7 +98,7 @@ def test_fused_adagrad_equals_its_torch_twin(device, d, block_r):
     for fused, dev in ((True, device), (False, torch.device("cpu"))):
         m = model(29, 11, d, seed=2).to(dev)
         opt = torch.optim.Adagrad(list(m.parameters()), lr=0.05, lr_decay=0.01)
-        sides = adagrad_sides(m, opt)
+        sides = model_sides(m, opt)
         for t, (u, i, r) in enumerate(data, start=1):
             u, i, r = u.to(dev), i.to(dev), r.to(dev)
             if fused:
@@ -133,7 +135,7 @@ def test_empty_batch_and_int64_ids(device):
 def test_bad_block_size_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     m = model()
-    sides = sides_of(m, RowSparseAdam(list(m.parameters()), lr=0.1))
+    sides = model_sides(m, RowSparseAdam(list(m.parameters()), lr=0.1))
     u = torch.tensor([0], dtype=torch.int32)
     with pytest.raises(ValueError, match="power of two"):
         fused_accumulate_gradients(*sides, 3.0, u, u, torch.tensor([4.0]), scale=1.0,
