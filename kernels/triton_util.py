@@ -113,8 +113,10 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _nested_jit_calls_interpreted():
-    """Let an interpreted kernel call ``@triton.jit`` helpers that were compiled-mode objects.
+def _interpreter_fixes():
+    """Two fixes to Triton's interpreter, active for one interpreted launch.
+
+    1. Let an interpreted kernel call ``@triton.jit`` helpers that were compiled-mode objects.
 
     ``tl.sum``, ``tl.max``, ``tl.sort``… are ``@triton.jit`` functions created when triton is
     imported; if that happened before ``TRITON_INTERPRET=1`` was set, they are
@@ -122,6 +124,8 @@ def _nested_jit_calls_interpreted():
     For the duration of one interpreted launch, such calls are routed through the
     interpreter (exactly what they would be had the variable been set before import), and
     every language patch a call makes is undone when it returns.
+    2. Runtime scalars work as ``range`` bounds on older triton + newer numpy (below).
+
     Process-global while active, hence the lock; only ever used in interpret mode.
     """
     from triton.runtime import interpreter
@@ -147,13 +151,28 @@ def _nested_jit_calls_interpreted():
         finally:
             scope.restore()
 
+    # Scalars are 1-element arrays in the interpreter; before triton 3.7 it turned them into
+    # loop bounds with int(array), which numpy >= 2.4 refuses for shape (1,) — so under the
+    # device image's triton 3.6 + numpy 2.5 every `range(c0, c1, …)` with runtime bounds
+    # failed. Same conversion as triton 3.9's (squeeze first), installed after the
+    # interpreter's own tensor patch and undone with it.
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+
+    def patch_tensor_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
     with _PATCH_LOCK:
         saved = JITFunction.__call__
         JITFunction.__call__ = call
+        if patch_tensor is not None:
+            interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
         try:
             yield
         finally:
             JITFunction.__call__ = saved
+            if patch_tensor is not None:
+                interpreter._patch_lang_tensor = patch_tensor
 
 
 def launch(fn: Callable, device: torch.device | str, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -167,7 +186,7 @@ def launch(fn: Callable, device: torch.device | str, grid: tuple[int, ...], *arg
         raise RuntimeError(unavailable_reason(device))
     kernel = build_kernel(fn, interpret=(mode == "interpret"))
     if mode == "interpret":
-        with _nested_jit_calls_interpreted():
+        with _interpreter_fixes():
             kernel[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)

@@ -9,6 +9,11 @@ import torch
 
 from svdfill.kernels import triton_util
 
+try:  # a kernel body below needs `tl` as a global
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the tests that use it skip
+    tl = None
+
 
 def test_mode_follows_the_environment_at_call_time(monkeypatch):
     if not triton_util.triton_available():
@@ -36,6 +41,51 @@ def test_launch_refuses_without_a_mode(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         triton_util.launch(lambda: None, "cpu", (1,))
+
+
+def _chunked_ones(X, n, chunk, B: tl.constexpr):
+    """Program c writes 1.0 at every B-th index of its chunk [c·chunk, min((c+1)·chunk, n))."""
+    c0 = tl.program_id(0) * chunk
+    c1 = tl.minimum(c0 + chunk, n)
+    for t in range(c0, c1, B):  # runtime loop bounds, as the fill kernel's item loop has
+        tl.store(X + t, 1.0)
+
+
+def test_interpreted_range_over_runtime_bounds_on_older_triton(monkeypatch):
+    """The device image's triton 3.6 interpreter turned a scalar (a shape-(1,) array) into a
+    loop bound with int(array), which numpy >= 2.4 refuses: every interpreted fill failed
+    there. Reproduce that conversion on this triton and check the launch route fixes it."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from triton.runtime import interpreter
+
+    real = interpreter._patch_lang_tensor
+
+    def as_in_triton_3_6(tensor, scope):
+        real(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", as_in_triton_3_6)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    expect = torch.zeros(64)
+    expect[[0, 16, 32, 48]] = 1.0
+    if np_refuses_1d_int():
+        with pytest.raises(Exception, match="0-dimensional"):  # the failure being fixed
+            triton_util.build_kernel(_chunked_ones, interpret=True)[(2,)](
+                torch.zeros(64), 50, 32, B=16)
+    x = torch.zeros(64)
+    triton_util.launch(_chunked_ones, "cpu", (2,), x, 50, 32, B=16)
+    assert torch.equal(x, expect)
+    assert interpreter._patch_lang_tensor is as_in_triton_3_6  # put back after the launch
+
+
+def np_refuses_1d_int() -> bool:
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        return True
+    return False
 
 
 @pytest.mark.slow
