@@ -44,8 +44,10 @@ def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct values and the code of each value: ``uniques[codes] == values``.
 
     values: int64 [n] or object (str) [n]. Returns (uniques [k] same dtype, codes int64 [n]).
-    Integers go through ``torch.unique`` (a parallel sort); strings through a pyarrow hash
-    table, then only the k distinct strings are sorted.
+    Integers go through a presence table over their range when it is dense enough (no sort;
+    the codes are the offsets themselves when every id in the range occurs), else a stable
+    argsort; strings through a pyarrow hash table, then only the k distinct strings are
+    sorted.
     """
     values = as_id_array(values)
     if values.dtype == np.int64:
@@ -70,6 +72,8 @@ def _factorize_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         offset = values - lo
         present = np.zeros(span, dtype=bool)
         present[offset] = True
+        if present.all():  # ids lo..hi all used (e.g. 0..n-1 or 1..n): the offset is the code
+            return np.arange(lo, hi + 1, dtype=np.int64), offset
         uniques = np.flatnonzero(present) + lo
         rank = np.cumsum(present, dtype=np.int64) - 1
         return uniques.astype(np.int64), rank[offset]

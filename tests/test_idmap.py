@@ -29,6 +29,22 @@ def test_factorize_ints_matches_reference(seed):
     assert uniq.tolist() == ref_u and codes.tolist() == ref_c
 
 
+@pytest.mark.parametrize("lo,gap", [(0, False), (1, False), (-7, False), (0, True)])
+def test_factorize_ints_with_every_id_of_the_range_used(lo, gap):
+    """Ids lo..hi all present (the synthetic presets, 1..n files) take the no-lookup path;
+    one missing id in the middle takes the table lookup. Both equal the reference."""
+    rng = np.random.default_rng(abs(lo) + 10 * gap)
+    ids = np.arange(lo, lo + 200)
+    if gap:
+        ids = np.delete(ids, 57)
+    values = np.concatenate([ids, rng.choice(ids, 5000)])
+    rng.shuffle(values)
+    uniq, codes = factorize(values)
+    ref_u, ref_c = brute_factorize(values)
+    assert uniq.dtype == np.int64 and codes.dtype == np.int64
+    assert uniq.tolist() == ref_u and codes.tolist() == ref_c
+
+
 def test_factorize_strings_matches_reference():
     rng = np.random.default_rng(7)
     pool = np.array(["b", "a", "ä", "10", "9", "", "zz", "A"], dtype=object)
