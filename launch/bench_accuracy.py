@@ -1,5 +1,5 @@
-"""`svdfill bench accuracy`: svdfill's default config vs the original recipe vs Surprise SVD,
-on the same seeded 90/10 splits, in one run.
+"""`svdfill bench accuracy`: svdfill's default config vs the original recipe vs Surprise SVD
+(and Spark MLlib ALS with ``--peer spark``), on the same seeded 90/10 splits, in one run.
 
 Protocol (printed with the table):
 
@@ -14,6 +14,10 @@ Protocol (printed with the table):
 * Surprise's ``SVD`` gets the exact same training triples (``Dataset.load_from_df`` +
   ``build_full_trainset``) and is tested on the same held-out list; once with its defaults
   and once with ``n_factors``/``n_epochs`` matched to svdfill's default config.
+* With ``--peer spark``, Spark MLlib's ALS (:mod:`svdfill.launch.peer_spark`, a local Spark
+  on all cores) gets the same triples too: once with its defaults (rank 10, maxIter 10,
+  regParam 0.1) and once with the rank matched to svdfill's config; test pairs it cannot
+  score (cold) get the training mean, as Surprise does.
 * Predictions of every method are clipped to the training ratings' range, as Surprise does.
 * Fit seconds: wall time of training only (data loading and splitting excluded), including
   svdfill's per-epoch metric passes. The ratio column is fit time ÷ Surprise SVD (defaults)
@@ -23,6 +27,7 @@ Protocol (printed with the table):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -60,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads for svdfill (0 = torch's default); Surprise "
                              "always runs on one")
     parser.add_argument("--no-surprise", action="store_true", help="skip the Surprise rows")
+    parser.add_argument("--peer", action="append", choices=["spark"], default=[],
+                        help="also fit Spark MLlib ALS on the same splits (local Spark, all cores)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write every per-seed figure and the table as JSON here")
     parser.add_argument("--quiet", action="store_true", help="only the final table")
@@ -206,12 +213,25 @@ def run_surprise(train, test, seed: int, lo: float, hi: float, **kwargs) -> dict
             "epochs": int(kwargs.get("n_epochs", 20)), "protocol": "fixed epochs on train"}
 
 
+def run_spark(spark, train, test, seed: int, lo: float, hi: float, *, rank: int) -> dict:
+    """Spark MLlib ALS (maxIter 10, regParam 0.1, ``rank``) on exactly ``train``'s triples,
+    scored on ``test``'s."""
+    import torch
+
+    from svdfill.launch.peer_spark import fit_als
+
+    res = fit_als(spark, train, test, lo, hi, rank=rank, max_iter=10, reg=0.1, seed=seed)
+    pred = torch.from_numpy(res["predictions"])
+    protocol = "fixed 10 iterations on train" + (f"; {res['cold']} cold test pairs → mean" if res["cold"] else "")
+    return {**_metrics(pred, test.ratings), "fit_seconds": res["fit_seconds"], "epochs": 10,
+            "protocol": protocol}
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from svdfill.data.split import split
     from svdfill.launch.errors import UserError
 
     seeds = _parse_seeds(args.seeds)
@@ -231,41 +251,76 @@ def main(args: argparse.Namespace) -> int:
     if why_no_surprise is None:
         names += ["Surprise SVD (defaults)",
                   f"Surprise SVD (n_factors={cfg.model.factors}, n_epochs matched)"]
+    spark_runs: list[tuple[str, int]] = []  # (row name, rank)
+    why_no_spark = None
+    if "spark" in args.peer:
+        from svdfill.launch.peer_spark import spark_available
+
+        why_no_spark = spark_available()
+        if why_no_spark is None:
+            spark_runs = [("Spark ALS (defaults: rank 10, maxIter 10, regParam 0.1)", 10)]
+            if cfg.model.factors != 10:
+                spark_runs.append((f"Spark ALS (rank {cfg.model.factors}, maxIter 10, regParam 0.1)",
+                                   cfg.model.factors))
+    names += [name for name, _ in spark_runs]
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     log(f"bench accuracy: {label}, {len(ratings):,} ratings, seeds {seeds}"
         + (" (quick)" if args.quick else ""))
-    for seed in seeds:
-        train, test = split(ratings, how="random", fraction=0.1, seed=seed)
-        res = run_svdfill(cfg, train, test, seed, lo, hi)
-        per_seed[names[0]].append(res)
-        log(f"  seed {seed}: {names[0]}: RMSE {res['rmse']:.4f} in {res['fit_seconds']:.2f} s")
-        res_b = run_svdfill(base, train, test, seed, lo, hi)
-        per_seed[names[1]].append(res_b)
-        log(f"  seed {seed}: {names[1]}: RMSE {res_b['rmse']:.4f} in {res_b['fit_seconds']:.2f} s")
-        if why_no_surprise is None:
-            sd = run_surprise(train, test, seed, lo, hi)
-            per_seed[names[2]].append(sd)
-            log(f"  seed {seed}: {names[2]}: RMSE {sd['rmse']:.4f} in {sd['fit_seconds']:.2f} s")
-            sm = run_surprise(train, test, seed, lo, hi, n_factors=cfg.model.factors,
-                              n_epochs=max(1, res["epochs"]))
-            per_seed[names[3]].append(sm)
-            log(f"  seed {seed}: {names[3]}: RMSE {sm['rmse']:.4f} in {sm['fit_seconds']:.2f} s")
-        for rows in per_seed.values():
-            if why_no_surprise is None:
-                rows[-1]["vs_surprise"] = rows[-1]["fit_seconds"] / per_seed[names[2]][-1]["fit_seconds"]
+    with contextlib.ExitStack() as stack:
+        spark = None
+        if spark_runs:
+            from svdfill.launch.peer_spark import local_spark
+
+            spark = stack.enter_context(local_spark())
+            log(f"  Spark {spark.version} started in {spark.start_seconds:.1f} s (not timed)")
+        for seed in seeds:
+            _one_seed(seed, ratings, cfg, base, lo, hi, names, spark_runs, spark, per_seed,
+                      why_no_surprise, log)
 
     table = summarize(per_seed)
     text = format_table(table, label=label, n=len(ratings), seeds=seeds, quick=args.quick,
                         why_no_surprise=why_no_surprise, device=cfg.train.device,
                         threads=torch.get_num_threads())
+    if why_no_spark is not None:
+        text += f"\n(Spark rows skipped: {why_no_spark})"
     print(text)
     if args.json is not None:
         from svdfill.checkpoint import save_json
 
         save_json(args.json, {"data": label, "n_ratings": len(ratings), "seeds": seeds,
                               "quick": args.quick, "surprise": why_no_surprise or "ran",
+                              "spark": ("ran" if spark_runs else why_no_spark or "not asked"),
                               "table": table, "per_seed": per_seed, "text": text})
     return 0
+
+
+def _one_seed(seed, ratings, cfg, base, lo, hi, names, spark_runs, spark, per_seed,
+              why_no_surprise, log) -> None:
+    """Every method on the split of ``seed``; appends one result per method to ``per_seed``."""
+    from svdfill.data.split import split
+
+    train, test = split(ratings, how="random", fraction=0.1, seed=seed)
+    res = run_svdfill(cfg, train, test, seed, lo, hi)
+    per_seed[names[0]].append(res)
+    log(f"  seed {seed}: {names[0]}: RMSE {res['rmse']:.4f} in {res['fit_seconds']:.2f} s")
+    res_b = run_svdfill(base, train, test, seed, lo, hi)
+    per_seed[names[1]].append(res_b)
+    log(f"  seed {seed}: {names[1]}: RMSE {res_b['rmse']:.4f} in {res_b['fit_seconds']:.2f} s")
+    if why_no_surprise is None:
+        sd = run_surprise(train, test, seed, lo, hi)
+        per_seed[names[2]].append(sd)
+        log(f"  seed {seed}: {names[2]}: RMSE {sd['rmse']:.4f} in {sd['fit_seconds']:.2f} s")
+        sm = run_surprise(train, test, seed, lo, hi, n_factors=cfg.model.factors,
+                          n_epochs=max(1, res["epochs"]))
+        per_seed[names[3]].append(sm)
+        log(f"  seed {seed}: {names[3]}: RMSE {sm['rmse']:.4f} in {sm['fit_seconds']:.2f} s")
+    for name, rank in spark_runs:
+        sp = run_spark(spark, train, test, seed, lo, hi, rank=rank)
+        per_seed[name].append(sp)
+        log(f"  seed {seed}: {name}: RMSE {sp['rmse']:.4f} in {sp['fit_seconds']:.2f} s")
+    for rows in per_seed.values():
+        if why_no_surprise is None:
+            rows[-1]["vs_surprise"] = rows[-1]["fit_seconds"] / per_seed[names[2]][-1]["fit_seconds"]
 
 
 def _cfg_label(cfg) -> str:

@@ -11,7 +11,11 @@ Rows per shape (synthetic factors and seen sets, made in seconds):
 - ``fill_topk + Parquet``: the whole ``svdfill fill`` export path into a temporary folder;
 - ``implicit recommend`` (``--peer implicit``, CPU): the implicit library's batched
   ``recommend`` for all users with ``filter_already_liked_items=True`` on the same factor
-  matrices (biases folded in as ``[p_u, 1]·[q_i, b_i]``, so the rankings are the same).
+  matrices (biases folded in as ``[p_u, 1]·[q_i, b_i]``, so the rankings are the same);
+- ``Spark ALS recommendForAllUsers`` (``--peer spark``, CPU): Spark MLlib's ``ALSModel``
+  loaded with the same folded factors, its top-k for all users written to Parquet
+  (:mod:`svdfill.launch.peer_spark`). Spark has no seen-item filter, so its items are
+  compared with ``fill_topk`` without exclusion.
 
 Throughput is pairs scored per second (U × I / wall time); ratios are against the
 DataLoader. CPU time (all threads of this process) is printed too: on a shared machine it
@@ -36,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
                         help="repeatable; default: ml-1m and 600k, plus 1m on CUDA")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    parser.add_argument("--peer", action="append", choices=["implicit"], default=[],
+    parser.add_argument("--peer", action="append", choices=["implicit", "spark"], default=[],
                         help="also time a peer library on the same factors (CPU)")
     parser.add_argument("--dtype", choices=["float32", "tf32", "bfloat16"], default="float32")
     parser.add_argument("--dataloader-pairs", type=int, default=200_000,
@@ -279,18 +283,58 @@ def run_shape(name: str, device, args) -> list[tuple]:
                 rows.append(("implicit recommend (CPU)", s, pairs / s, c, f"same items as fill_topk: {same:.1%}"))
                 print(f"  implicit: {s:.2f} s", flush=True)
 
+    if "spark" in args.peer:
+        rows.append(_spark_row(name, state, k, pairs))
+
     print(f"\n| {name} | wall time | pairs/s | × DataLoader | CPU time | notes |\n|---|---:|---:|---:|---:|---|")
     for label, sec, rate, cpu, note in rows:
         if sec is None:
             print(f"| {label} | — | — | — | — | {note} |")
         else:
-            print(f"| {label} | {_fmt_s(sec)} | {rate:,.0f} | {rate / dl_rate:,.0f}× | {_fmt_s(cpu)} | {note} |")
+            cpu_s = "—" if cpu is None else _fmt_s(cpu)  # a peer computing in another process
+            print(f"| {label} | {_fmt_s(sec)} | {rate:,.0f} | {rate / dl_rate:,.0f}× | {cpu_s} | {note} |")
     fill = next(r for r in rows if r[0] == "fill_topk")
+    export = next((r for r in rows if r[0] == "fill_topk + Parquet export"), None)
     for label, sec, _, cpu, _ in rows:
         if label.startswith("implicit") and sec:
             print(f"\nfill_topk vs implicit on {name}: {sec / fill[1]:.2f}× the throughput "
                   f"(wall), {cpu / fill[3]:.2f}× (CPU time)")
+        if label.startswith("Spark") and sec:
+            ours = export if export is not None and export[1] else fill
+            print(f"\n{ours[0]} vs Spark ALS recommendForAllUsers + Parquet on {name}: "
+                  f"{sec / ours[1]:.1f}× the throughput (wall)")
     return rows
+
+
+SPARK_LABEL = "Spark ALS recommendForAllUsers + Parquet (CPU)"
+
+
+def _spark_row(name: str, state: dict, k: int, pairs: int) -> tuple:
+    """The Spark peer's row: its recommendForAllUsers(k) on the same folded factors, and
+    how many of its items equal fill_topk's without seen exclusion (Spark has none)."""
+    import torch
+
+    from svdfill.launch.peer_spark import local_spark, recommend_all, spark_available
+
+    if name == "1m":
+        return (SPARK_LABEL, None, None, None, "skipped: 1m shape is GPU-only here")
+    why = spark_available()
+    if why is not None:
+        return (SPARK_LABEL, None, None, None, f"skipped: {why}")
+    from svdfill.kernels.fill import fill_topk
+
+    cpu_state = {n: v.cpu() for n, v in state.items()}
+    with local_spark() as spark:
+        start = spark.start_seconds
+        res = recommend_all(spark, cpu_state, k)
+    _, ours = fill_topk(cpu_state["user_factors"], cpu_state["item_factors"], cpu_state["user_bias"],
+                        cpu_state["item_bias"], 0.0, k, None)
+    same = float((torch.from_numpy(res["items"]) == ours).float().mean())
+    s = res["seconds"]
+    print(f"  spark: {s:.2f} s (JVM start {start:.1f} s, not timed)", flush=True)
+    return (SPARK_LABEL, s, pairs / s, None,
+            f"no seen filter in Spark; same items as fill_topk without it: {same:.1%}; "
+            f"JVM start {start:.1f} s not timed")
 
 
 def main(args: argparse.Namespace) -> int:
