@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,6 +182,7 @@ class ResumableParquetWriter:
         self.partial = self.target.parent / f".{self.target.name}.partial"
         self.tmp = self.partial / f"{self.target.name}.tmp"
         self._writer: pq.ParquetWriter | None = None
+        self._parts: ThreadPoolExecutor | None = None  # writes each block's part beside the row group
         self._next = 0
         check_writable(self.target)
         if self.partial.exists():
@@ -249,18 +251,30 @@ class ResumableParquetWriter:
         assert self._writer is not None
         self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
+    def _write_part(self, b: int, table: pa.Table) -> None:
+        part, tmp = self._part(b), self._part(b).with_suffix(".arrow.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        os.replace(tmp, part)
+
     def write_block(self, b: int, table: pa.Table) -> None:
-        """Write block ``b`` (blocks come in order): its part first, then its row group."""
+        """Write block ``b`` (blocks come in order): its resume part and its row group.
+
+        The two are written at once (Arrow's writers release the GIL): a part is complete
+        when it appears, whatever happened to the Parquet file, because a resume rebuilds
+        the Parquet file from the parts. Returns when both are written."""
         if b != self._next:
             raise ValueError(f"block {b} written out of order (expected {self._next})")
         if not table.schema.equals(self.schema, check_metadata=False):
             raise ValueError(f"block {b}: schema {table.schema} differs from {self.schema}")
         table = table.replace_schema_metadata(None)
-        part, tmp = self._part(b), self._part(b).with_suffix(".arrow.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        os.replace(tmp, part)
-        self._append(table)
+        if self._parts is None:
+            self._parts = ThreadPoolExecutor(1, thread_name_prefix="svdfill-export-part")
+        part = self._parts.submit(self._write_part, b, table)
+        try:
+            self._append(table)
+        finally:
+            part.result()  # its error first if both failed: the part is what a resume needs
         self._next = b + 1
 
     def finish(self) -> Path:
@@ -268,6 +282,7 @@ class ResumableParquetWriter:
         if self._next != self.n_blocks:
             raise ValueError(f"finish() after {self._next} of {self.n_blocks} blocks")
         assert self._writer is not None
+        self._close_parts()
         self._writer.close()
         self._writer = None
         _fsync_file(self.tmp)
@@ -276,8 +291,14 @@ class ResumableParquetWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
         return self.target
 
+    def _close_parts(self) -> None:
+        if self._parts is not None:
+            self._parts.shutdown(wait=True)
+            self._parts = None
+
     def abort(self) -> None:
         """Close the open file after a failure; the parts stay for a later resume."""
+        self._close_parts()
         if self._writer is not None:
             try:
                 self._writer.close()

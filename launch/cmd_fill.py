@@ -16,10 +16,12 @@ svdfill.launch.torchrun_fill …``): N item shards, the same Parquet file. Top-k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +250,12 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
 
     writer = ResumableParquetWriter(out, schema, params, n_blocks, restart=restart)
     first = writer.first_block
+    pool = ThreadPoolExecutor(1, thread_name_prefix="svdfill-export")
+    pending = None
+
+    def write(b: int, table) -> None:
+        writer.write_block(b, table)
+        _test_kill_hook(b)
     bar = tqdm(total=n_blocks, initial=0, unit="block", desc="fill", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True)
     rows_written = 0
@@ -264,17 +272,29 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
         writer.open(on_replayed=lambda b: bar.update(1))
         if first:
             bar.set_postfix_str(f"resumed at block {first}")
+        # block b is written on a thread while block b + 1 is computed (one block in
+        # flight: memory stays at two blocks; blocks still reach the writer in order)
+        pending = None
         for b in range(first, n_blocks):
             table = sample if (full and b == 0) else compute(b)
-            writer.write_block(b, table)
+            if pending is not None:
+                pending.result()
+                bar.update(1)
+            pending = pool.submit(write, b, table)
             rows_written += table.num_rows
+        if pending is not None:
+            pending.result()
             bar.update(1)
-            _test_kill_hook(b)
         path = writer.finish()
     except BaseException:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result()  # never two writes at once: let the one running end first
         writer.abort()
         raise
     finally:
+        pool.shutdown(wait=True)
         bar.close()
     return {"path": str(path), "blocks": n_blocks, "resumed_at": first, "users": n_sel,
             "rows_computed": rows_written, "seconds": time.perf_counter() - t0, "user_block": block}

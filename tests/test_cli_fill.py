@@ -195,6 +195,35 @@ def test_kill9_then_rerun_resumes_and_gives_identical_file(tmp_path, full):
     assert not partial.exists()
 
 
+def test_a_write_failure_on_the_writer_thread_stops_the_export_and_resumes(tmp_path, monkeypatch):
+    """Blocks are written on a thread while the next is computed: an error there (here a
+    full disk at block 2) surfaces from the export, leaves blocks 0-1 for a resume, and the
+    rerun gives the file an uninterrupted run gives."""
+    from svdfill.data.export import ResumableParquetWriter
+
+    run = make_run(tmp_path, n_users=60, n_items=30)
+    args = ["--model", str(run), "--k", "4", "--user-block", "7", "--quiet"]
+    clean = tmp_path / "clean.parquet"
+    assert fill(*args, "--out", str(clean)) == 0
+    real = ResumableParquetWriter.write_block
+
+    def disk_full_at_2(self, b, table):
+        if b == 2:
+            raise OSError(28, "No space left on device")
+        real(self, b, table)
+
+    monkeypatch.setattr(ResumableParquetWriter, "write_block", disk_full_at_2)
+    out = tmp_path / "recs.parquet"
+    with pytest.raises(OSError, match="No space left"):
+        cmd_fill.main(parse(*args, "--out", str(out)))
+    partial = tmp_path / ".recs.parquet.partial"
+    assert not out.exists()
+    assert sorted(p.name for p in partial.glob("block-*.arrow")) == ["block-000000.arrow", "block-000001.arrow"]
+    monkeypatch.setattr(ResumableParquetWriter, "write_block", real)
+    assert fill(*args, "--out", str(out)) == 0
+    assert out.read_bytes() == clean.read_bytes() and not partial.exists()
+
+
 def test_resume_with_other_parameters_is_refused_then_restart(tmp_path, capsys):
     run = make_run(tmp_path)
     out = tmp_path / "recs.parquet"
