@@ -180,6 +180,8 @@ class DistConfig:
     """auto (nccl on GPU, gloo on CPU) | gloo | nccl."""
     max_failures: int = 1
     """Ray Train FailureConfig.max_failures: worker restarts from the last checkpoint."""
+    threads_per_worker: int = 0
+    """Torch intra-op threads of each Ray Train worker; 0 = the node's cores shared among its workers (Ray alone would give each 1)."""
 
 
 @dataclass
@@ -351,6 +353,7 @@ def validate(cfg: Config, where: str) -> None:
         ("train.gibbs_overrelax", -1.0 < cfg.train.gibbs_overrelax < 1.0),
         ("fill.k", cfg.fill.k >= 1),
         ("dist.num_workers", cfg.dist.num_workers >= 1),
+        ("dist.threads_per_worker", cfg.dist.threads_per_worker >= 0),
         ("data.synthetic.n_users", cfg.data.synthetic.n_users >= 1),
         ("data.synthetic.n_items", cfg.data.synthetic.n_items >= 1),
         ("data.synthetic.n_ratings", cfg.data.synthetic.n_ratings >= 1),

@@ -70,6 +70,21 @@ def ray_train_world(device: str = "cpu") -> RayTrainWorld:
     return RayTrainWorld(rank, size, dev, backend)
 
 
+def set_worker_threads(requested: int = 0) -> int:
+    """Give this Ray Train worker ``requested`` torch intra-op threads, or (0) an equal share
+    of its node's cores among the node's workers, and return the number. Ray starts a
+    worker with OMP_NUM_THREADS=1 unless told otherwise, which would leave a one-GPU box's
+    other cores idle through the data preparation, the CPU-side sorts and the export."""
+    import ray.train
+
+    n = requested
+    if n <= 0:
+        local = max(1, ray.train.get_context().get_local_world_size())
+        n = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(n)
+    return n
+
+
 def restore_checkpoint(run_dir, world: RayTrainWorld) -> bool:
     """After a restart, put the latest checkpoint Ray has (the last one reported) at
     ``run_dir/checkpoint.pt`` (main rank; atomic), so the trainer resumes from it. Returns

@@ -31,11 +31,12 @@ from pathlib import Path
 def train_worker(config: dict) -> None:
     """One Ray Train worker = one rank of the trainer (runs on every worker, after restarts too)."""
     from svdfill.config import Config, from_dict
-    from svdfill.distributed.ray_train import ray_train_world, restore_checkpoint
+    from svdfill.distributed.ray_train import ray_train_world, restore_checkpoint, set_worker_threads
     from svdfill.launch.torchrun_train import shard_by_rating_counts
     from svdfill.launch.trainer import run_training
 
     cfg = from_dict(Config, config["cfg"], "ray_job train")
+    set_worker_threads(cfg.dist.threads_per_worker)
     world = ray_train_world(cfg.train.device)
     restore_checkpoint(config["out"], world)  # after a restart: Ray's last checkpoint → OUT
     run_training(cfg, config["out"], world=world, reshard=shard_by_rating_counts,

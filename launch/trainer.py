@@ -638,6 +638,7 @@ def fit(cfg: Config, train: Ratings, val: Ratings | None, world: World | None = 
         "n_users": train.n_users, "n_items": n_items, "factors": cfg.model.factors,
         "solver": cfg.train.solver, "optimizer": cfg.train.optimizer if cfg.train.solver == "sgd" else None,
         "kernel": cfg.train.kernel, "device": str(world.device), "world_size": world.world_size,
+        "torch_threads": torch.get_num_threads(),  # of rank 0: context for train_seconds
         "seed": cfg.train.seed, "split_seed": cfg.data.split_seed,
     }
     return FitResult(state=state, summary=summary, history=history)

@@ -22,7 +22,7 @@ def head(request):
 def test_job_submit_train_and_fill(head, tmp_path, ml100k_path):
     from svdfill import checkpoint as ck
 
-    cfg = write_config(tmp_path / "cfg.toml", ml100k_path, epochs=3)
+    cfg = write_config(tmp_path / "cfg.toml", ml100k_path, epochs=3, extra="[dist]\nthreads_per_worker = 3\n")
     out = tmp_path / "run"
     p = job_submit(head, ["python", "-m", "svdfill.launch.ray_job", "train", "--config", str(cfg),
                           "--out", str(out), "--num-workers", "2", "--quiet"])
@@ -30,6 +30,7 @@ def test_job_submit_train_and_fill(head, tmp_path, ml100k_path):
     assert "from node 127.0.0.1" in p.stdout  # the job's driver runs on our 127.0.0.1 node
     line = json.loads([x for x in p.stdout.splitlines() if x.startswith('{"val_rmse"')][-1])
     assert line["world_size"] == 2 and line["epochs_run"] == 3
+    assert json.loads((out / ck.SUMMARY_FILE).read_text())["torch_threads"] == 3  # dist.threads_per_worker
     names = {x.name for x in out.iterdir() if not x.name.startswith(".")}
     assert names <= set(ck.RUN_FILES)  # what `svdfill train` writes, nothing else
     assert {ck.MODEL_FILE, ck.SEEN_FILE, ck.METRICS_FILE, ck.SUMMARY_FILE, ck.CONFIG_FILE} <= names

@@ -103,6 +103,8 @@ def test_killed_worker_resumes_from_checkpoint(head, tmp_path, ml100k_path):
     assert all(r["resumed_from_epoch"] == resumed for r in reports if r["epoch"] > resumed)
     summary = json.loads((out / ck.SUMMARY_FILE).read_text())
     assert summary["epochs_run"] == EPOCHS and summary["world_size"] == 2
+    # dist.threads_per_worker = 0: the node's cores shared by its 2 workers, not Ray's 1
+    assert summary["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
     rows = [json.loads(x) for x in (out / ck.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     for f in (ck.MODEL_FILE, ck.SEEN_FILE, ck.CONFIG_FILE):

@@ -31,7 +31,7 @@ def torchrun(module: str, *args: str, nproc: int = 2, timeout: float = 240) -> s
     return p
 
 
-def write_config(path: Path, ratings: Path, epochs: int = EPOCHS) -> Path:
+def write_config(path: Path, ratings: Path, epochs: int = EPOCHS, extra: str = "") -> Path:
     path.write_text(f"""name = "mp-test"
 [data]
 path = "{ratings}"
@@ -48,7 +48,7 @@ patience = 0
 checkpoint_every = 1
 [fill]
 k = 10
-""")
+{extra}""")
     return path
 
 
@@ -288,6 +288,17 @@ def test_launcher_torchrun_runs_the_torchrun_module(monkeypatch):
     assert env["MASTER_ADDR"] == "127.0.0.1" and env["OMP_NUM_THREADS"] == "5"  # the user's value kept
     if sys.platform.startswith("linux"):
         assert env["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+def test_torchrun_children_share_the_cores_unless_told(monkeypatch):
+    from svdfill.launch.launcher import torchrun_env
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert torchrun_env(env, nproc=1)["OMP_NUM_THREADS"] == "16"
+    assert torchrun_env(env, nproc=4)["OMP_NUM_THREADS"] == "4"
+    assert torchrun_env(env, nproc=32)["OMP_NUM_THREADS"] == "1"
+    assert torchrun_env({**env, "OMP_NUM_THREADS": "3"}, nproc=1)["OMP_NUM_THREADS"] == "3"
 
 
 @pytest.mark.parametrize("argv,message", [
