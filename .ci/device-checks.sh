@@ -37,7 +37,7 @@ cat "$OUT/summary.txt"
 stage tests 100 python3 -m pytest -q -p no:cacheprovider -k "cuda or compile" \
   tests/test_fill.py tests/test_gibbs.py tests/test_triton_fill.py tests/test_triton_sgd.py \
   tests/test_triton_row_optim.py tests/test_row_optim.py tests/test_triton_util.py \
-  tests/test_sgd.py tests/test_world.py
+  tests/test_sgd.py tests/test_world.py tests/test_csr.py
 stage baselines 80 python3 .dev/torch-baselines.py
 # the fill first: if the cap cuts the stage, the figures already written (one JSON line each)
 # hold the headline one

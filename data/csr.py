@@ -28,11 +28,7 @@ def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = Non
     u, i = _as_long(users).reshape(-1), _as_long(items).reshape(-1)
     if u.shape != i.shape:
         raise ValueError(f"build_csr: users {tuple(u.shape)} and items {tuple(i.shape)} differ")
-    if u.numel():
-        if int(u.min()) < 0 or int(u.max()) >= n_users:
-            raise ValueError(f"build_csr: user ids must lie in [0, {n_users})")
-        if int(i.min()) < 0 or (n_items is not None and int(i.max()) >= n_items):
-            raise ValueError(f"build_csr: item ids must lie in [0, {n_items if n_items is not None else '∞'})")
+    _check_ids(u, i, n_users, n_items)
     width = int(i.max()) + 1 if i.numel() else 1
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and u.numel():
@@ -43,14 +39,66 @@ def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = Non
     return _csr_of(u, i, n_users, width)
 
 
-def _csr_of(u: torch.Tensor, i: torch.Tensor, n_users: int, width: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    key = torch.unique(u * width + i, sorted=True)  # sorts by (user, item) and drops repeats
+def build_csr_pair(users: Any, items: Any, more_users: Any, more_items: Any, n_users: int, *,
+                   n_items: int | None = None, device: torch.device | str | None = None
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``(build_csr(users, items), build_csr(users ∪ more_users, items ∪ more_items))`` from
+    one sort of all the pairs instead of two (the run's training pairs and all its pairs:
+    on 2 CPU cores 100M pairs take ~5 s to sort, and this saves one of the two sorts).
+
+    Inputs as :func:`build_csr`; ``more_*`` may overlap ``users, items`` (repeats appear once).
+    """
+    u, i = _as_long(users).reshape(-1), _as_long(items).reshape(-1)
+    mu, mi = _as_long(more_users).reshape(-1), _as_long(more_items).reshape(-1)
+    if u.shape != i.shape or mu.shape != mi.shape:
+        raise ValueError("build_csr_pair: users and items differ in length")
+    n_first = u.numel()
+    u, i = torch.cat([u, mu]), torch.cat([i, mi])
+    _check_ids(u, i, n_users, n_items)
+    width = int(i.max()) + 1 if i.numel() else 1
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and u.numel():
+        try:
+            return _csr_pair_of(u.to(dev), i.to(dev), n_first, n_users, width)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return _csr_pair_of(u, i, n_first, n_users, width)
+
+
+def _check_ids(u: torch.Tensor, i: torch.Tensor, n_users: int, n_items: int | None) -> None:
+    if u.numel():
+        if int(u.min()) < 0 or int(u.max()) >= n_users:
+            raise ValueError(f"build_csr: user ids must lie in [0, {n_users})")
+        if int(i.min()) < 0 or (n_items is not None and int(i.max()) >= n_items):
+            raise ValueError(f"build_csr: item ids must lie in [0, {n_items if n_items is not None else '∞'})")
+
+
+def _csr_pair_of(u: torch.Tensor, i: torch.Tensor, n_first: int, n_users: int, width: int):
+    key, order = torch.sort(u * width + i)
+    first = order < n_first  # which sorted keys came from the first set
+    del order
+
+    def distinct(k: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(k.numel(), dtype=torch.bool, device=k.device)
+        keep[1:] = k[1:] != k[:-1]
+        return k[keep]
+
+    return _csr_from_keys(distinct(key[first]), n_users, width), _csr_from_keys(distinct(key), n_users, width)
+
+
+def _csr_from_keys(key: torch.Tensor, n_users: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of sorted, distinct ``user * width + item`` keys."""
     # row starts by binary search in the sorted keys: cheaper than a bincount + cumsum
     starts = torch.arange(n_users + 1, device=key.device, dtype=torch.int64) * width
     indptr = torch.searchsorted(key, starts)
     indices = torch.remainder(key, width).to(torch.int32)
     return indptr.cpu(), indices.cpu()
+
+
+def _csr_of(u: torch.Tensor, i: torch.Tensor, n_users: int, width: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    key = torch.unique(u * width + i, sorted=True)  # sorts by (user, item) and drops repeats
+    return _csr_from_keys(key, n_users, width)
 
 
 def csr_row(indptr: torch.Tensor, indices: torch.Tensor, user: int) -> torch.Tensor:

@@ -754,7 +754,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
     final outputs of this attempt are removed; the checkpoint stays for ``--resume``, and
     a run that never reached a checkpoint leaves nothing behind.
     """
-    from svdfill.data.csr import build_csr
+    from svdfill.data.csr import build_csr, build_csr_pair
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
 
@@ -791,11 +791,14 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
                   extra_checkpoint={"idmap": idmap.to_state()})
         t_write = time.perf_counter()
         if w.is_main:
-            trained_on = train.cat(val) if res.summary["refit"] else train
             wrote_final.append(run_dir / ck.SEEN_FILE)
-            ck.save_seen(run_dir, build_csr(trained_on.users, trained_on.items, ratings.n_users,
-                                            device=w.device),
-                         build_csr(ratings.users, ratings.items, ratings.n_users, device=w.device))
+            if res.summary["refit"]:  # trained on train ∪ val = every rated pair: one CSR
+                seen_all = build_csr(ratings.users, ratings.items, ratings.n_users, device=w.device)
+                seen_train = seen_all
+            else:  # train and train ∪ val from one sort (split partitions the ratings)
+                seen_train, seen_all = build_csr_pair(train.users, train.items, val.users, val.items,
+                                                      ratings.n_users, device=w.device)
+            ck.save_seen(run_dir, seen_train, seen_all)
             wrote_final.append(run_dir / ck.MODEL_FILE)
             ck.save_model(run_dir, res.state, idmap, cfg, res.summary)
             ck.save_jsonl(run_dir / ck.METRICS_FILE, res.history)

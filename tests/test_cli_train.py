@@ -62,6 +62,27 @@ def _inproc(*args) -> int:
     return main([str(a) for a in args])
 
 
+def test_seen_sets_without_refit_are_the_training_pairs_and_all_pairs(tmp_path, capsys):
+    """seen.pt of a run without refit: "train" = the split's training pairs, "all" = every
+    rated pair (the export excludes "all"), both as build_csr of exactly those pairs."""
+    from svdfill.config import load_config
+    from svdfill.data.csr import build_csr
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+
+    cfg = _config(tmp_path, refit="false", epochs=1)
+    out = tmp_path / "runs" / "s"
+    assert _inproc("train", "--config", cfg, "--out", out, "--quiet") == 0
+    c = load_config(cfg)
+    ratings, _ = load_dataset(c.data)
+    train, val = split(ratings, how=c.data.split, fraction=c.data.val_fraction, seed=c.data.split_seed)
+    assert len(val) > 0
+    seen = ck.load_seen(out)
+    for got, want in ((seen["train"], build_csr(train.users, train.items, ratings.n_users)),
+                      (seen["all"], build_csr(ratings.users, ratings.items, ratings.n_users))):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     cfg = _config(tmp_path, refit="true")
     out = tmp_path / "runs" / "a"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdfill.data.csr import build_csr, csr_contains, csr_row
+from svdfill.data.csr import build_csr, build_csr_pair, csr_contains, csr_row
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -53,3 +53,35 @@ def test_cuda_build_equals_cpu_build(cuda):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     empty = build_csr(np.zeros(0, np.int64), np.zeros(0, np.int64), 3, device=cuda)
     assert empty[0].tolist() == [0, 0, 0, 0]
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_csr_pair_is_two_builds_from_one_sort(seed):
+    """(CSR of A, CSR of A ∪ B) equal two build_csr calls: ragged sizes, repeats inside A,
+    pairs in both A and B, and empty A or B."""
+    rng = np.random.default_rng(100 + seed)
+    n_users, n_items = int(rng.integers(1, 50)), int(rng.integers(1, 30))
+    n_a = [0, 1, 37, 300, 300, 5][seed]
+    n_b = [20, 0, 5, 300, 0, 200][seed]
+    ua, ia = rng.integers(0, n_users, n_a), rng.integers(0, n_items, n_a)
+    ub, ib = rng.integers(0, n_users, n_b), rng.integers(0, n_items, n_b)
+    if n_a and n_b:  # some pairs in both
+        ub[:3], ib[:3] = ua[:3], ia[:3]
+    first, both = build_csr_pair(ua, ia, ub, ib, n_users, n_items=n_items)
+    assert _same(first, build_csr(ua, ia, n_users))
+    assert _same(both, build_csr(np.concatenate([ua, ub]), np.concatenate([ia, ib]), n_users))
+    with pytest.raises(ValueError):
+        build_csr_pair(ua, ia, np.array([n_users]), np.array([0]), n_users)
+
+
+def test_cuda_csr_pair_equals_cpu(cuda):
+    rng = np.random.default_rng(8)
+    ua, ia = rng.integers(0, 300, 5000), rng.integers(0, 90, 5000)
+    ub, ib = rng.integers(0, 300, 700), rng.integers(0, 90, 700)
+    want = build_csr_pair(ua, ia, ub, ib, 301)
+    got = build_csr_pair(torch.tensor(ua, device=cuda), ia, ub, torch.tensor(ib, device=cuda), 301, device=cuda)
+    assert got[0][0].device.type == "cpu" and _same(got[0], want[0]) and _same(got[1], want[1])
