@@ -294,17 +294,96 @@ def _seen_by_tile(rows: Tensor, cols: Tensor, tile: int, n_tiles: int):
 
 
 def _triton_impl(device: torch.device):
-    """The fused Triton fill when asked for with ``SVDFILL_FILL_KERNEL=triton`` on CUDA and
-    importable; None otherwise (the torch tiles below run). It is opt-in, not automatic,
-    until `svdfill bench kernels` has shown it faster than these tiles on a real GPU: it
-    has been validated only under TRITON_INTERPRET so far."""
-    if device.type != "cuda" or os.environ.get("SVDFILL_FILL_KERNEL", "torch").lower() != "triton":
+    """The fused Triton fill for CUDA tensors unless ``SVDFILL_FILL_KERNEL=torch``, when
+    importable; None otherwise (the torch tiles run)."""
+    if device.type != "cuda" or _kernel_setting() == "torch":
         return None
     try:
         from svdfill.kernels.triton_fill import fill_topk_triton
     except ImportError:
         return None
     return fill_topk_triton
+
+
+def _kernel_setting() -> str:
+    """``SVDFILL_FILL_KERNEL``: auto (default) | torch | triton."""
+    v = os.environ.get("SVDFILL_FILL_KERNEL", "auto").strip().lower() or "auto"
+    if v not in ("auto", "torch", "triton"):
+        raise ValueError(f"SVDFILL_FILL_KERNEL must be auto, torch or triton, got {v!r}")
+    return v
+
+
+AUTO_TRIAL_USERS = 8192
+"""Users of the trial block on which ``auto`` times the fused kernel against the tiles."""
+AUTO_MIN_USERS = 1024
+"""Calls with fewer users take the torch tiles without a trial (nothing to win there)."""
+
+_CHOICES: dict[tuple, dict] = {}
+
+
+def kernel_choices() -> dict[tuple, dict]:
+    """The ``auto`` decisions made in this process: ``{(device, d, k, mode, has_seen):
+    {"kernel", "torch_s", "triton_s", "reason"}}`` (what ``svdfill bench`` and logs print)."""
+    return dict(_CHOICES)
+
+
+AUTO_TOLERANCE = {"float32": 1e-5, "tf32": 2.0**-9, "bfloat16": 2.0**-6}
+"""How far (relative to the largest |score|) the two kernels' score lists may differ on the
+trial: the fp32 accumulation orders differ, and with bf16 the tiles round the GEMM output to
+bf16 while the fused kernel keeps fp32. A wrong mask, bias or row is off by far more."""
+
+
+def _pick_kernel(key: tuple, trial: int, run_both, *, rel_tol: float) -> str:
+    """``auto``: time the fused kernel against the torch tiles once per ``key`` on a trial
+    block and keep the faster; if the fused one fails or disagrees, the tiles.
+
+    ``run_both() -> (torch_result, fused_result, torch_s, fused_s)`` runs the two on the
+    trial block. They agree when their -inf (padding) positions are equal and their score
+    lists (each sorted descending, so order statistics) are within ``rel_tol`` of the
+    largest |score|; items may trade places at near-ties, as the module docstring allows.
+    """
+    import warnings
+
+    got = _CHOICES.get(key)
+    if got is not None:
+        return got["kernel"]
+    try:
+        (t_s, _), (f_s, _), torch_s, fused_s = run_both()
+    except Exception as e:  # a compile or launch failure: the tiles still give the answer
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        warnings.warn(f"svdfill fill: the fused Triton fill failed its trial ({type(e).__name__}: "
+                      f"{first}); using the torch tiles")
+        _CHOICES[key] = {"kernel": "torch", "torch_s": None, "triton_s": None,
+                         "reason": f"fused failed: {type(e).__name__}"}
+        return "torch"
+    fin = torch.isfinite(t_s)
+    scale = max(1.0, float(t_s[fin].abs().max())) if bool(fin.any()) else 1.0
+    agree = torch.equal(torch.isneginf(t_s), torch.isneginf(f_s)) and bool(
+        ((t_s - f_s)[fin].abs() <= rel_tol * scale).all())
+    if not agree:
+        warnings.warn("svdfill fill: the fused Triton fill disagreed with the torch tiles on its "
+                      "trial block; using the torch tiles")
+        choice, reason = "torch", "fused disagreed"
+    else:
+        choice = "triton" if fused_s < torch_s else "torch"
+        reason = f"faster on a {trial}-user trial"
+    _CHOICES[key] = {"kernel": choice, "torch_s": torch_s, "triton_s": fused_s, "reason": reason}
+    return choice
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device):
+    import time
+
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t
 
 
 def fill_topk(
@@ -337,6 +416,13 @@ def fill_topk(
             on CPU.
         user_block, item_tile: explicit tile sizes (tests, tuning); None = from the budget.
 
+    On CUDA (no explicit tile sizes) the fused Triton kernel
+    (:mod:`svdfill.kernels.triton_fill`, same contract) is used where it is faster: with
+    ``SVDFILL_FILL_KERNEL=auto`` (default) the first call per (device, d, k, dtype, seen or
+    not) times both on a trial block of its first :data:`AUTO_TRIAL_USERS` users and keeps
+    the faster (the tiles if the kernel fails or its scores disagree beyond
+    :data:`AUTO_TOLERANCE`: see :func:`kernel_choices`); ``torch`` / ``triton`` force one.
+
     Returns:
         ``(scores float32 [U, k], items int64 [U, k])`` on the input device, each row by
         score descending then item ascending; ``score = μ + b_u + b_i + p_u·q_i``. Where a
@@ -347,16 +433,42 @@ def fill_topk(
     _check_inputs(user_factors, item_factors, user_bias, item_bias, seen)
     mode = _compute_dtype(dtype)
     device = user_factors.device
-    n_users, n_items = user_factors.shape[0], item_factors.shape[0]
+    n_users = user_factors.shape[0]
+    args = (item_factors, item_bias, global_mean, k)
+    opts = dict(item_offset=item_offset, dtype=dtype, memory_budget=memory_budget)
 
     # ---- dispatch point: fused Triton kernel on CUDA (svdfill.kernels.triton_fill) ----
     if user_block is None and item_tile is None:
         fused = _triton_impl(device)
-        if fused is not None:
-            return fused(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen,
-                         item_offset=item_offset, dtype=dtype, memory_budget=memory_budget)
-    # ---- plain torch tiles ----
+        setting = _kernel_setting() if fused is not None else "torch"
+        if setting == "auto" and n_users >= AUTO_MIN_USERS:
+            key = (str(device), user_factors.shape[1], k, mode, seen is not None)
+            n = min(n_users, AUTO_TRIAL_USERS)
+            # the first n users' rows of the CSR: a prefix, zero-copy on any device
+            part = None if seen is None else (seen[0][: n + 1], seen[1][: int(seen[0][n])])
 
+            def run_both():
+                trial = (user_factors[:n], *args[:1], user_bias[:n], *args[1:], part)
+                fused(*trial, **opts)  # compiles the variant; not timed
+                t_res, t_s = _timed(lambda: _fill_tiles(*trial, mode=mode, item_offset=item_offset,
+                                                        memory_budget=memory_budget), device)
+                f_res, f_s = _timed(lambda: fused(*trial, **opts), device)
+                return t_res, f_res, t_s, f_s
+
+            setting = _pick_kernel(key, n, run_both, rel_tol=AUTO_TOLERANCE[mode])
+        if setting == "triton":
+            return fused(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen, **opts)
+    return _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen,
+                       mode=mode, item_offset=item_offset, memory_budget=memory_budget,
+                       user_block=user_block, item_tile=item_tile)
+
+
+def _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen, *,
+                mode: str, item_offset: int = 0, memory_budget: int | None = None,
+                user_block: int | None = None, item_tile: int | None = None):
+    """The torch-tile fill (any device): :func:`fill_topk`'s contract, inputs checked."""
+    device = user_factors.device
+    n_users, n_items = user_factors.shape[0], item_factors.shape[0]
     out_s = torch.full((n_users, k), float("-inf"), dtype=torch.float32, device=device)
     out_i = torch.full((n_users, k), -1, dtype=torch.int64, device=device)
     if n_users == 0 or n_items == 0:

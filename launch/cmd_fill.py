@@ -385,6 +385,10 @@ def main(args: argparse.Namespace, *, sharded=None) -> int:
     if not args.quiet:
         what = "every unseen pair" if args.full else f"top-{k}"
         resumed = f", resumed at block {summary['resumed_at']}" if summary["resumed_at"] else ""
+        from svdfill.kernels.fill import kernel_choices
+
+        kernels = sorted({c["kernel"] for c in kernel_choices().values()})
+        how = f" ({'/'.join(kernels)} fill kernel)" if kernels and not args.full else ""
         print(f"svdfill: wrote {what} of {summary['users']:,} users to {summary['path']} "
-              f"({summary['blocks']} row groups{resumed}) in {summary['seconds']:.1f} s on {device}")
+              f"({summary['blocks']} row groups{resumed}) in {summary['seconds']:.1f} s on {device}{how}")
     return 0

@@ -7,6 +7,8 @@ full of ties. Gaussian inputs check the same code with a float tolerance.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -271,6 +273,78 @@ def test_triton_dispatch_only_on_cuda(monkeypatch):
     assert F._triton_impl(torch.device("cpu")) is None
     monkeypatch.setenv("SVDFILL_FILL_KERNEL", "torch")
     assert F._triton_impl(torch.device("cuda")) is None
+    monkeypatch.setenv("SVDFILL_FILL_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SVDFILL_FILL_KERNEL"):
+        F._triton_impl(torch.device("cuda"))
+
+
+def _result(scores):
+    scores = torch.tensor(scores, dtype=torch.float32)
+    return scores, torch.arange(scores.numel()).reshape(scores.shape)
+
+
+TIES = [[4.0, 3.5, 3.5, float("-inf")]]
+
+
+@pytest.mark.parametrize("torch_s,fused_s,fused_scores,want", [
+    (1.0, 0.1, TIES, "triton"),                                    # faster, same scores
+    (0.1, 1.0, TIES, "torch"),                                     # slower
+    (1.0, 0.1, [[4.0, 3.5, 3.5 + 3e-5, float("-inf")]], "triton"),  # an ulp-level difference
+    (1.0, 0.1, [[4.0, 3.7, 3.5, float("-inf")]], "torch"),          # a wrong score: never used
+    (1.0, 0.1, [[4.0, 3.5, 3.5, 1.0]], "torch"),                    # a seen item let through
+])
+def test_auto_keeps_the_faster_kernel_once_per_key(monkeypatch, torch_s, fused_s, fused_scores, want):
+    monkeypatch.setattr(F, "_CHOICES", {})
+    calls = []
+
+    def run_both():
+        calls.append(1)
+        return _result(TIES), _result(fused_scores), torch_s, fused_s
+
+    with warnings.catch_warnings(record=True) as seen_warnings:
+        warnings.simplefilter("always")
+        assert F._pick_kernel(("k",), 10, run_both, rel_tol=F.AUTO_TOLERANCE["float32"]) == want
+        assert F._pick_kernel(("k",), 10, run_both, rel_tol=F.AUTO_TOLERANCE["float32"]) == want
+    assert len(calls) == 1  # decided once per key
+    assert F.kernel_choices()[("k",)]["kernel"] == want
+    disagreed = F.kernel_choices()[("k",)]["reason"] == "fused disagreed"
+    assert disagreed == any("disagreed" in str(w.message) for w in seen_warnings)
+
+
+def test_auto_falls_back_to_tiles_when_the_kernel_fails(monkeypatch):
+    monkeypatch.setattr(F, "_CHOICES", {})
+
+    def run_both():
+        raise RuntimeError("out of resources: shared memory")
+
+    with pytest.warns(UserWarning, match="failed its trial"):
+        assert F._pick_kernel(("k",), 10, run_both, rel_tol=1e-5) == "torch"
+    assert F.kernel_choices()[("k",)]["reason"] == "fused failed: RuntimeError"
+
+
+def test_auto_trial_through_the_real_dispatch(monkeypatch):
+    """The whole auto path of fill_topk with the Triton kernel standing in on the CPU (its
+    interpreter): the trial runs both on the first users, the result equals the tiles'
+    either way, and the decision is recorded with both timings."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from svdfill.kernels.triton_fill import fill_topk_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(F, "_CHOICES", {})
+    monkeypatch.setattr(F, "AUTO_MIN_USERS", 8)
+    monkeypatch.setattr(F, "AUTO_TRIAL_USERS", 16)
+    monkeypatch.setattr(F, "_triton_impl", lambda device: fill_topk_triton)
+    # dyadic inputs: many exact ties, a user who has seen everything
+    P, Q, bu, bi, mu, seen, _ = make_inputs(np.random.default_rng(5), 40, 23, d=6, full_users=(3,))
+    want = F._fill_tiles(P, Q, bu, bi, mu, 5, seen, mode="float32")
+    got = F.fill_topk(P, Q, bu, bi, mu, 5, seen)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    (key, choice), = F.kernel_choices().items()
+    assert key == ("cpu", 6, 5, "float32", True) and choice["kernel"] in ("torch", "triton")
+    assert choice["torch_s"] > 0 and choice["triton_s"] > 0
+    monkeypatch.setenv("SVDFILL_FILL_KERNEL", "triton")  # forced: no trial, same answer
+    got = F.fill_topk(P, Q, bu, bi, mu, 5, seen)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("levels", [3, 30, 10_000])
@@ -287,3 +361,24 @@ def test_tile_topk_prefilter_with_ties_matches_lexsort(levels):
             order = np.lexsort((np.arange(1003), -tile[r].numpy()))[:k]
             assert cols[r].tolist() == order.tolist()
             assert vals[r].tolist() == tile[r, order].tolist()
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_auto_kernel_on_cuda_decides_and_agrees(cuda, monkeypatch, dtype):
+    """On the GPU: the first call of a shape records a decision with both timings (or why
+    the fused kernel was refused), and the answer agrees with the torch tiles."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.delenv("SVDFILL_FILL_KERNEL", raising=False)
+    monkeypatch.setattr(F, "_CHOICES", {})
+    P, Q, bu, bi, mu, seen, _ = make_inputs(np.random.default_rng(11), 3000, 700, d=64, dyadic=False)
+    P, Q, bu, bi = (t.to(cuda) for t in (P, Q, bu, bi))
+    seen = (seen[0].to(cuda), seen[1].to(cuda))
+    got_s, got_i = F.fill_topk(P, Q, bu, bi, mu, 50, seen, dtype=dtype)
+    (key, choice), = F.kernel_choices().items()
+    assert key[1:] == (64, 50, dtype or "float32", True)
+    assert choice["kernel"] in ("torch", "triton") and choice["reason"], choice
+    want_s, _ = F._fill_tiles(P, Q, bu, bi, mu, 50, seen, mode=dtype or "float32")
+    fin = torch.isfinite(want_s)
+    assert torch.equal(torch.isneginf(got_s), torch.isneginf(want_s))
+    tol = F.AUTO_TOLERANCE[dtype or "float32"] * float(want_s[fin].abs().max())
+    assert float((got_s - want_s)[fin].abs().max()) <= tol
