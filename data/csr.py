@@ -1,8 +1,10 @@
 """Seen items per user as CSR: ``indices[indptr[u]:indptr[u+1]]`` are the items user ``u``
-rated, ascending and distinct. Built with one sort and one bincount, no loop per user."""
+rated, ascending and distinct. Built with one sort and a binary search for the row starts,
+no loop per user."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -28,15 +30,7 @@ def build_csr(users: Any, items: Any, n_users: int, *, n_items: int | None = Non
     u, i = _as_long(users).reshape(-1), _as_long(items).reshape(-1)
     if u.shape != i.shape:
         raise ValueError(f"build_csr: users {tuple(u.shape)} and items {tuple(i.shape)} differ")
-    _check_ids(u, i, n_users, n_items)
-    width = int(i.max()) + 1 if i.numel() else 1
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and u.numel():
-        try:
-            return _csr_of(u.to(dev), i.to(dev), n_users, width)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-    return _csr_of(u, i, n_users, width)
+    return _sorted_on(device, _csr_of, u, i, n_users, n_items)
 
 
 def build_csr_pair(users: Any, items: Any, more_users: Any, more_items: Any, n_users: int, *,
@@ -52,38 +46,35 @@ def build_csr_pair(users: Any, items: Any, more_users: Any, more_items: Any, n_u
     mu, mi = _as_long(more_users).reshape(-1), _as_long(more_items).reshape(-1)
     if u.shape != i.shape or mu.shape != mi.shape:
         raise ValueError("build_csr_pair: users and items differ in length")
-    n_first = u.numel()
-    u, i = torch.cat([u, mu]), torch.cat([i, mi])
-    _check_ids(u, i, n_users, n_items)
-    width = int(i.max()) + 1 if i.numel() else 1
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and u.numel():
-        try:
-            return _csr_pair_of(u.to(dev), i.to(dev), n_first, n_users, width)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-    return _csr_pair_of(u, i, n_first, n_users, width)
+    pair_of = functools.partial(_csr_pair_of, n_first=u.numel())
+    return _sorted_on(device, pair_of, torch.cat([u, mu]), torch.cat([i, mi]), n_users, n_items)
 
 
-def _check_ids(u: torch.Tensor, i: torch.Tensor, n_users: int, n_items: int | None) -> None:
+def _csr_pair_of(u: torch.Tensor, i: torch.Tensor, n_users: int, width: int, *, n_first: int):
+    key, order = torch.sort(u * width + i)
+    first = order < n_first  # which sorted keys came from the first n_first pairs
+    del order
+    return (_csr_from_keys(torch.unique_consecutive(key[first]), n_users, width),
+            _csr_from_keys(torch.unique_consecutive(key), n_users, width))
+
+
+def _sorted_on(device, csr_fn, u: torch.Tensor, i: torch.Tensor, n_users: int,
+               n_items: int | None):
+    """Check the ids, then ``csr_fn(u, i, n_users, width)`` on ``device`` (CUDA sorts in
+    milliseconds; back on the CPU when the GPU lacks memory) or on the CPU."""
     if u.numel():
         if int(u.min()) < 0 or int(u.max()) >= n_users:
             raise ValueError(f"build_csr: user ids must lie in [0, {n_users})")
         if int(i.min()) < 0 or (n_items is not None and int(i.max()) >= n_items):
             raise ValueError(f"build_csr: item ids must lie in [0, {n_items if n_items is not None else '∞'})")
-
-
-def _csr_pair_of(u: torch.Tensor, i: torch.Tensor, n_first: int, n_users: int, width: int):
-    key, order = torch.sort(u * width + i)
-    first = order < n_first  # which sorted keys came from the first set
-    del order
-
-    def distinct(k: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones(k.numel(), dtype=torch.bool, device=k.device)
-        keep[1:] = k[1:] != k[:-1]
-        return k[keep]
-
-    return _csr_from_keys(distinct(key[first]), n_users, width), _csr_from_keys(distinct(key), n_users, width)
+    width = int(i.max()) + 1 if i.numel() else 1
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and u.numel():
+        try:
+            return csr_fn(u.to(dev), i.to(dev), n_users, width)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return csr_fn(u, i, n_users, width)
 
 
 def _csr_from_keys(key: torch.Tensor, n_users: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
