@@ -193,6 +193,13 @@ def csr_take(indptr: Tensor, indices: Tensor, rows: Tensor) -> CSR:
     return new_ptr, indices[starts[row_of] + offs]
 
 
+def csr_slice(indptr: Tensor, indices: Tensor, lo: int, hi: int) -> CSR:
+    """The CSR of rows ``lo..hi-1`` (a contiguous block of users): indptr rebased to 0,
+    indices a view; on the inputs' device."""
+    a, b = int(indptr[lo]), int(indptr[hi])
+    return indptr[lo : hi + 1] - a, indices[a:b]
+
+
 def _check_inputs(user_factors, item_factors, user_bias, item_bias, seen) -> None:
     if user_factors.dim() != 2 or item_factors.dim() != 2:
         raise ValueError("user_factors and item_factors must be 2-d [n, d]")
@@ -434,7 +441,6 @@ def fill_topk(
     mode = _compute_dtype(dtype)
     device = user_factors.device
     n_users = user_factors.shape[0]
-    args = (item_factors, item_bias, global_mean, k)
     opts = dict(item_offset=item_offset, dtype=dtype, memory_budget=memory_budget)
 
     # ---- dispatch point: fused Triton kernel on CUDA (svdfill.kernels.triton_fill) ----
@@ -444,11 +450,10 @@ def fill_topk(
         if setting == "auto" and n_users >= AUTO_MIN_USERS:
             key = (str(device), user_factors.shape[1], k, mode, seen is not None)
             n = min(n_users, AUTO_TRIAL_USERS)
-            # the first n users' rows of the CSR: a prefix, zero-copy on any device
-            part = None if seen is None else (seen[0][: n + 1], seen[1][: int(seen[0][n])])
+            part = None if seen is None else csr_slice(seen[0], seen[1], 0, n)
 
             def run_both():
-                trial = (user_factors[:n], *args[:1], user_bias[:n], *args[1:], part)
+                trial = (user_factors[:n], item_factors, user_bias[:n], item_bias, global_mean, k, part)
                 fused(*trial, **opts)  # compiles the variant; not timed
                 t_res, t_s = _timed(lambda: _fill_tiles(*trial, mode=mode, item_offset=item_offset,
                                                         memory_budget=memory_budget), device)

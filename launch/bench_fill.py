@@ -153,12 +153,12 @@ def time_dense(state: dict, seen, k: int, device) -> tuple[float, float]:
 
 def time_fill(state: dict, seen, k: int, device, dtype: str) -> tuple[float, float]:
     """Best (wall, CPU) seconds of fill_topk over up to 4 runs (1 when a run takes > 1 s)."""
-    from svdfill.kernels.fill import AUTO_TRIAL_USERS, fill_topk
+    from svdfill.kernels.fill import AUTO_TRIAL_USERS, csr_slice, fill_topk
 
     # on CUDA the first call of a shape times the fused kernel against the tiles and
     # compiles it: done here on a trial-sized prefix, so the timed runs are the steady state
     n = min(AUTO_TRIAL_USERS, state["user_factors"].shape[0])
-    warm_seen = None if seen is None else (seen[0][: n + 1], seen[1][: int(seen[0][n])])
+    warm_seen = None if seen is None else csr_slice(seen[0], seen[1], 0, n)
     fill_topk(state["user_factors"][:n], state["item_factors"], state["user_bias"][:n], state["item_bias"],
               float(state["global_mean"]), k, warm_seen, dtype=dtype)
     best = (float("inf"), float("inf"))

@@ -139,11 +139,6 @@ def resolve_device(name: str | None):
     return dev
 
 
-def _slice_csr(indptr, indices, lo: int, hi: int):
-    a, b = int(indptr[lo]), int(indptr[hi])
-    return indptr[lo : hi + 1] - a, indices[a:b]
-
-
 def default_user_block(n_items: int, k: int, full: bool, budget: int) -> int:
     """Users per row group: ~1M rows per top-k group; dense blocks bounded by the budget."""
     if full:
@@ -177,7 +172,7 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
     import svdfill
     from svdfill.data.export import (ResumableParquetWriter, RawIds, check_disk_space, full_schema,
                                      full_table, ipc_bytes, parquet_bytes, topk_schema, topk_table)
-    from svdfill.kernels.fill import DEFAULT_CPU_BUDGET, csr_take, fill_topk, score_dense
+    from svdfill.kernels.fill import DEFAULT_CPU_BUDGET, csr_slice, csr_take, fill_topk, score_dense
 
     t0 = time.perf_counter()
     device = torch.device(device or "cpu")
@@ -219,7 +214,7 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
         lo, hi = b * block, min((b + 1) * block, n_sel)
         if sel is None:
             rows = torch.arange(lo, hi)
-            sub = None if seen is None else _slice_csr(s_ptr, s_idx, lo, hi)
+            sub = None if seen is None else csr_slice(s_ptr, s_idx, lo, hi)
             return rows, P[lo:hi], bu[lo:hi], sub
         rows = sel[lo:hi]
         sub = None if seen is None else csr_take(s_ptr, s_idx, rows)
@@ -274,7 +269,6 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
             bar.set_postfix_str(f"resumed at block {first}")
         # block b is written on a thread while block b + 1 is computed (one block in
         # flight: memory stays at two blocks; blocks still reach the writer in order)
-        pending = None
         for b in range(first, n_blocks):
             table = sample if (full and b == 0) else compute(b)
             if pending is not None:

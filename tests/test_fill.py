@@ -257,6 +257,16 @@ def test_csr_take_reorders_rows():
     assert idx.dtype == torch.int32
 
 
+def test_csr_slice_is_a_rebased_block_of_rows():
+    indptr = torch.tensor([0, 2, 2, 5, 6])
+    indices = torch.tensor([1, 4, 0, 2, 3, 9], dtype=torch.int32)
+    ptr, idx = F.csr_slice(indptr, indices, 1, 3)
+    assert ptr.tolist() == [0, 0, 3] and idx.tolist() == [0, 2, 3]
+    ptr, idx = F.csr_slice(indptr, indices, 0, 2)  # a prefix: what the auto trial takes
+    assert ptr.tolist() == [0, 2, 2] and idx.tolist() == [1, 4]
+    assert F.csr_slice(indptr, indices, 4, 4)[0].tolist() == [0]
+
+
 def test_bad_arguments():
     P, Q = torch.zeros(3, 2), torch.zeros(4, 2)
     with pytest.raises(ValueError, match="k must be"):
