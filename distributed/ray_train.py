@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from svdfill.distributed.world import DistWorld
+from svdfill.distributed.world import DistWorld, core_share
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -77,10 +77,7 @@ def set_worker_threads(requested: int = 0) -> int:
     other cores idle through the data preparation, the CPU-side sorts and the export."""
     import ray.train
 
-    n = requested
-    if n <= 0:
-        local = max(1, ray.train.get_context().get_local_world_size())
-        n = max(1, (os.cpu_count() or 1) // local)
+    n = requested if requested > 0 else core_share(ray.train.get_context().get_local_world_size())
     torch.set_num_threads(n)
     return n
 

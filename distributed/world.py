@@ -8,10 +8,17 @@ identity. Multi-process worlds (torchrun, Ray Train) subclass it in this package
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+def core_share(local_processes: int) -> int:
+    """Intra-op threads for each of ``local_processes`` processes on this machine: an equal
+    share of its cores, at least 1 (torchrun children and Ray Train workers)."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_processes))
 
 
 @dataclass

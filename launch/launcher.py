@@ -89,9 +89,10 @@ def torchrun_env(environ: dict | None = None, nproc: int = 1) -> dict:
     thread defaults where the user has not set them: each of the ``nproc`` processes gets
     an equal share of the cores for its intra-op threads (one process on a 16-core GPU box
     keeps all 16 for its data preparation and export; 2 on 2 cores get 1 each)."""
+    from svdfill.distributed.world import core_share
+
     env = dict(os.environ if environ is None else environ)
-    threads = max(1, (os.cpu_count() or 1) // max(1, nproc))
-    defaults = {"MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": str(threads)}
+    defaults = {"MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": str(core_share(nproc))}
     if sys.platform.startswith("linux"):
         defaults["GLOO_SOCKET_IFNAME"] = "lo"
     for key, value in defaults.items():
