@@ -232,6 +232,7 @@ def run_spark(spark, train, test, seed: int, lo: float, hi: float, *, rank: int)
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from svdfill.data.split import split
     from svdfill.launch.errors import UserError
 
     seeds = _parse_seeds(args.seeds)
@@ -266,16 +267,34 @@ def main(args: argparse.Namespace) -> int:
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     log(f"bench accuracy: {label}, {len(ratings):,} ratings, seeds {seeds}"
         + (" (quick)" if args.quick else ""))
-    with contextlib.ExitStack() as stack:
-        spark = None
-        if spark_runs:
-            from svdfill.launch.peer_spark import local_spark
+    from svdfill.launch.peer_spark import local_spark  # pyspark itself loads only if started
 
-            spark = stack.enter_context(local_spark())
+    with local_spark() if spark_runs else contextlib.nullcontext() as spark:
+        if spark is not None:
             log(f"  Spark {spark.version} started in {spark.start_seconds:.1f} s (not timed)")
         for seed in seeds:
-            _one_seed(seed, ratings, cfg, base, lo, hi, names, spark_runs, spark, per_seed,
-                      why_no_surprise, log)
+            train, test = split(ratings, how="random", fraction=0.1, seed=seed)
+            res = run_svdfill(cfg, train, test, seed, lo, hi)
+            per_seed[names[0]].append(res)
+            log(f"  seed {seed}: {names[0]}: RMSE {res['rmse']:.4f} in {res['fit_seconds']:.2f} s")
+            res_b = run_svdfill(base, train, test, seed, lo, hi)
+            per_seed[names[1]].append(res_b)
+            log(f"  seed {seed}: {names[1]}: RMSE {res_b['rmse']:.4f} in {res_b['fit_seconds']:.2f} s")
+            if why_no_surprise is None:
+                sd = run_surprise(train, test, seed, lo, hi)
+                per_seed[names[2]].append(sd)
+                log(f"  seed {seed}: {names[2]}: RMSE {sd['rmse']:.4f} in {sd['fit_seconds']:.2f} s")
+                sm = run_surprise(train, test, seed, lo, hi, n_factors=cfg.model.factors,
+                                  n_epochs=max(1, res["epochs"]))
+                per_seed[names[3]].append(sm)
+                log(f"  seed {seed}: {names[3]}: RMSE {sm['rmse']:.4f} in {sm['fit_seconds']:.2f} s")
+            for name, rank in spark_runs:
+                sp = run_spark(spark, train, test, seed, lo, hi, rank=rank)
+                per_seed[name].append(sp)
+                log(f"  seed {seed}: {name}: RMSE {sp['rmse']:.4f} in {sp['fit_seconds']:.2f} s")
+            for rows in per_seed.values():
+                if why_no_surprise is None:
+                    rows[-1]["vs_surprise"] = rows[-1]["fit_seconds"] / per_seed[names[2]][-1]["fit_seconds"]
 
     table = summarize(per_seed)
     text = format_table(table, label=label, n=len(ratings), seeds=seeds, quick=args.quick,
@@ -292,35 +311,6 @@ def main(args: argparse.Namespace) -> int:
                               "spark": ("ran" if spark_runs else why_no_spark or "not asked"),
                               "table": table, "per_seed": per_seed, "text": text})
     return 0
-
-
-def _one_seed(seed, ratings, cfg, base, lo, hi, names, spark_runs, spark, per_seed,
-              why_no_surprise, log) -> None:
-    """Every method on the split of ``seed``; appends one result per method to ``per_seed``."""
-    from svdfill.data.split import split
-
-    train, test = split(ratings, how="random", fraction=0.1, seed=seed)
-    res = run_svdfill(cfg, train, test, seed, lo, hi)
-    per_seed[names[0]].append(res)
-    log(f"  seed {seed}: {names[0]}: RMSE {res['rmse']:.4f} in {res['fit_seconds']:.2f} s")
-    res_b = run_svdfill(base, train, test, seed, lo, hi)
-    per_seed[names[1]].append(res_b)
-    log(f"  seed {seed}: {names[1]}: RMSE {res_b['rmse']:.4f} in {res_b['fit_seconds']:.2f} s")
-    if why_no_surprise is None:
-        sd = run_surprise(train, test, seed, lo, hi)
-        per_seed[names[2]].append(sd)
-        log(f"  seed {seed}: {names[2]}: RMSE {sd['rmse']:.4f} in {sd['fit_seconds']:.2f} s")
-        sm = run_surprise(train, test, seed, lo, hi, n_factors=cfg.model.factors,
-                          n_epochs=max(1, res["epochs"]))
-        per_seed[names[3]].append(sm)
-        log(f"  seed {seed}: {names[3]}: RMSE {sm['rmse']:.4f} in {sm['fit_seconds']:.2f} s")
-    for name, rank in spark_runs:
-        sp = run_spark(spark, train, test, seed, lo, hi, rank=rank)
-        per_seed[name].append(sp)
-        log(f"  seed {seed}: {name}: RMSE {sp['rmse']:.4f} in {sp['fit_seconds']:.2f} s")
-    for rows in per_seed.values():
-        if why_no_surprise is None:
-            rows[-1]["vs_surprise"] = rows[-1]["fit_seconds"] / per_seed[names[2]][-1]["fit_seconds"]
 
 
 def _cfg_label(cfg) -> str:

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,17 +49,16 @@ def local_spark(threads: int | None = None, memory: str = "8g") -> Iterator[Any]
     the JVM start-up time."""
     from pyspark.sql import SparkSession
 
+    cores = threads or os.cpu_count() or 1
     scratch = tempfile.mkdtemp(prefix="svdfill-spark-")
     saved = {k: os.environ.get(k) for k in ("SPARK_LOCAL_IP", "PYSPARK_PYTHON")}
     os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # the driver binds and advertises loopback only
-    import sys
-
     os.environ["PYSPARK_PYTHON"] = sys.executable  # Python workers from this interpreter
     t0 = time.perf_counter()
     spark = None
     try:
         spark = (SparkSession.builder
-                 .master(f"local[{threads or os.cpu_count() or 1}]")
+                 .master(f"local[{cores}]")
                  .appName("svdfill-bench-peer")
                  .config("spark.driver.memory", memory)
                  .config("spark.driver.host", "127.0.0.1")
@@ -67,7 +67,7 @@ def local_spark(threads: int | None = None, memory: str = "8g") -> Iterator[Any]
                  .config("spark.ui.showConsoleProgress", "false")
                  .config("spark.local.dir", scratch)
                  .config("spark.sql.warehouse.dir", os.path.join(scratch, "warehouse"))
-                 .config("spark.sql.shuffle.partitions", str(2 * (threads or os.cpu_count() or 1)))
+                 .config("spark.sql.shuffle.partitions", str(2 * cores))
                  .getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
         spark.start_seconds = time.perf_counter() - t0
