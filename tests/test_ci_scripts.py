@@ -39,3 +39,30 @@ def test_device_checks_script_parses_and_names_existing_tests():
     assert len(named) >= 5
     missing = [n for n in named if not (ROOT / n).exists()]
     assert not missing, missing
+
+
+@pytest.mark.multiprocess
+def test_device_checks_return_few_files_and_every_log(tmp_path):
+    """A device call returns at most 8 files from $OUT: the script keeps a fixed few there
+    (summary, figures, one archive of every log), refreshed after each stage. Here the CUDA
+    tests stage runs on the CPU, where each of its tests skips."""
+    import tarfile
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = dict(os.environ, OUT=str(out), LOGS=str(logs),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "device-checks.sh"), "tests"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == ["logs.tgz", "summary.txt"], returned
+    summary = (out / "summary.txt").read_text()
+    assert "stages: tests" in summary and "== tests" in summary, summary
+    assert "   rc=0 in" in summary and "skipped" in summary, summary
+    with tarfile.open(out / "logs.tgz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {"summary.txt", "tests.log"} <= names, names
+
+    bad = subprocess.run(["bash", str(ROOT / ".ci" / "device-checks.sh"), "benchmark"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage 'benchmark'" in bad.stderr, bad.stderr
