@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdfill.kernels.model import INIT_CHUNK_ROWS, STATE_KEYS, BiasedMF, init_rows
+from svdfill.kernels.model import INIT_CHUNK_ROWS, STATE_KEYS, BiasedMF, init_rows, predict_chunk
 
 
 def test_init_rows_of_a_shard_equal_the_full_table():
@@ -45,6 +45,27 @@ def test_forward_and_predict_match_float64():
     want = 0.1 * ((P[u] ** 2).sum() + (Q[i] ** 2).sum()) + 0.2 * ((m.user_bias.double()[u] ** 2).sum()
                                                                  + (m.item_bias.double()[i] ** 2).sum())
     assert float(pen.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+@pytest.mark.parametrize("d", [3, 32, 130])
+def test_predict_chunks_change_no_bit(d):
+    """The CPU's cache-sized chunks (ragged: n is no multiple of them) give the same floats as
+    one chunk of everything, and those match float64."""
+    m = BiasedMF(700, 300, d, init_std=0.3, global_mean=3.0, seed=d)
+    with torch.no_grad():
+        m.user_bias.normal_()
+        m.item_bias.normal_()
+    c = predict_chunk("cpu", d)
+    assert c >= 4096 and (c * d <= 1 << 18 or c == 4096) and predict_chunk("cuda", d) == 1 << 22
+    g = torch.Generator().manual_seed(d)
+    n = 2 * c + 17
+    u = torch.randint(0, 700, (n,), generator=g, dtype=torch.int32)
+    i = torch.randint(0, 300, (n,), generator=g, dtype=torch.int32)
+    got = m.predict(u, i)
+    assert torch.equal(got, m.predict(u, i, chunk=n))
+    P, Q = m.user_factors.double(), m.item_factors.double()
+    ref = 3.0 + m.user_bias.double()[u.long()] + m.item_bias.double()[i.long()] + (P[u.long()] * Q[i.long()]).sum(1)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_gradients_equal_dense_ones_and_sparse_adam_steps():
