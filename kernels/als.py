@@ -22,12 +22,22 @@ matrices are summed with ``index_add_``: no row is too long for the budget, and 
 The sort and the chunk index tensors depend only on (users, items); they are built once
 and reused by later sweeps over the same, unmodified index tensors (the trainer passes the
 same ones every epoch).
+
+Item-sharded worlds (``user_sum`` given): each rank holds the ratings of its own items, so
+its item solves are local, while a user's normal equations are the sum of every rank's
+part. Users are then solved in blocks of consecutive ids, the same blocks on every rank:
+each rank builds its partial Grams of a block, ``user_sum`` adds them up across ranks (an
+all-reduce of ``block × (d+1)²`` floats), and every rank solves the same summed systems with
+the global rating counts, so the replicated user table stays identical everywhere — the
+block ALS of Spark's explicit-feedback solver with the user side's partial sums
+all-reduced instead of shuffled.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -53,6 +63,8 @@ def als_sweep(
     reg_exponent: float = 1.0,
     bias_reg_exponent: float = 1.0,
     budget_elements: int | None = None,
+    user_sum: Callable[[torch.Tensor], object] | None = None,
+    user_counts: torch.Tensor | None = None,
 ) -> None:
     """One ALS sweep in place: solve every user given the items, then every item given the
     (new) users.
@@ -75,6 +87,12 @@ def als_sweep(
             shrinkage of every bias by ``λ_b`` as in Koren's baseline estimates).
         budget_elements: cap on the elements of one chunk's gathered features; ``None`` uses
             :data:`DEFAULT_BUDGET_ELEMENTS`.
+        user_sum: for an item-sharded world, an in-place sum over the ranks (e.g.
+            ``World.all_reduce_sum``) of a float tensor; every rank must call ``als_sweep``
+            with the same ``n_users``, ``d`` and budget (the user blocks pair up), and then
+            holds the same user rows. ``None``: the ratings are all there is.
+        user_counts: with ``user_sum``, each user's rating count over all ranks, ``[U]``
+            (any dtype); it weighs the user penalties and says which users have ratings.
 
     Users or items with no rating here keep their current values (the SGD trainer never
     touches them either), so a sweep over any subset of the ratings is well defined.
@@ -91,11 +109,13 @@ def als_sweep(
     if not (0.0 <= reg_exponent <= 2.0 and 0.0 <= bias_reg_exponent <= 2.0):
         raise ValueError(f"als_sweep: regularization exponents must lie in [0, 2], got "
                          f"{reg_exponent}, {bias_reg_exponent}")
-    if users.numel() == 0:
+    if users.numel() == 0 and user_sum is None:
         return
     budget = DEFAULT_BUDGET_ELEMENTS if budget_elements is None else int(budget_elements)
     if budget < 1:
         raise ValueError(f"als_sweep: budget_elements must be >= 1, got {budget}")
+    if (user_sum is None) != (user_counts is None):
+        raise ValueError("als_sweep: user_sum and user_counts go together")
     uf, itf = model.user_factors.data, model.item_factors.data
     ub, ib = model.user_bias.data, model.item_bias.data
     dev, dtype = uf.device, uf.dtype
@@ -105,7 +125,15 @@ def als_sweep(
     # One trailing zero so padded slots (index n) contribute nothing.
     centered = torch.cat([centered, centered.new_zeros(1)])
     reg = (float(reg_factors), float(reg_bias), float(reg_exponent), float(bias_reg_exponent))
-    _solve_side(uf, ub, itf, ib, centered, plan.user_side, reg, budget)
+    if user_sum is None:
+        _solve_side(uf, ub, itf, ib, centered, plan.user_side, reg, budget)
+    else:
+        if user_counts.shape != (n_users,):
+            raise ValueError(f"als_sweep: user_counts must be [{n_users}], got "
+                             f"{tuple(user_counts.shape)}")
+        blocks = user_blocks(plan, users, items, n_users, d + 1, dev, budget)
+        _solve_users_summed(uf, ub, itf, ib, centered, blocks, reg, budget, user_sum,
+                            user_counts.to(dev, dtype))
     _solve_side(itf, ib, uf, ub, centered, plan.item_side, reg, budget)
 
 
@@ -130,6 +158,7 @@ class _Side:
 class _Plan:
     user_side: _Side
     item_side: _Side
+    user_blocks: list[tuple[int, int, _Side]] | None = None  # built by user_blocks()
 
 
 _cache: dict = {}
@@ -149,6 +178,8 @@ def rating_plan(users: torch.Tensor, items: torch.Tensor, n_users: int, n_items:
     u = users.to(dev, torch.int64)
     i = items.to(dev, torch.int64)
     for name, ids, bound in (("users", u, n_users), ("items", i, n_items)):
+        if ids.numel() == 0:
+            continue
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= bound:
             raise ValueError(f"als_sweep: {name} ids must lie in [0, {bound}), got [{lo}, {hi}]")
@@ -166,10 +197,46 @@ def _drop_plan(_ref) -> None:
     _cache.clear()
 
 
+def user_block_rows(k: int, budget: int) -> int:
+    """Users per block of the summed (item-sharded) user solve: the block's Grams
+    ``[rows, k, k]`` stay within ``budget`` elements. Depends on nothing but its arguments,
+    so every rank cuts the same blocks."""
+    return max(1, budget // (k * k))
+
+
+def user_blocks(plan: _Plan, users: torch.Tensor, items: torch.Tensor, n_users: int, k: int,
+                dev: torch.device, budget: int) -> list[tuple[int, int, _Side]]:
+    """``(lo, hi, side)`` for consecutive user-id blocks covering ``[0, n_users)`` —
+    :func:`user_block_rows` users each, the last one ragged — where ``side`` holds this
+    rank's ratings of users ``lo..hi-1`` (rows made block-local, positions still into the
+    whole ratings); built once per plan."""
+    if plan.user_blocks is None:
+        u = users.to(dev, torch.int64)
+        i = items.to(dev, torch.int64)
+        step = user_block_rows(k, budget)
+        blocks = []
+        for lo in range(0, n_users, step):
+            hi = min(n_users, lo + step)
+            if lo == 0 and hi == n_users:
+                blocks.append((lo, hi, plan.user_side))  # one block: the plan's own side
+                continue
+            where = torch.nonzero((u >= lo) & (u < hi)).squeeze(1)
+            blocks.append((lo, hi, _build_side(u[where] - lo, i[where], hi - lo,
+                                               plan.user_side.n_cols, k, budget,
+                                               positions=where, n_total=u.numel())))
+        plan.user_blocks = blocks
+    return plan.user_blocks
+
+
 def _build_side(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int, k: int,
-                budget: int) -> _Side:
+                budget: int, positions: torch.Tensor | None = None, n_total: int | None = None
+                ) -> _Side:
+    """The chunks of one side. ``positions`` (int64 [n]) maps the given ratings to their
+    places in a larger array of ``n_total`` (whose trailing slot ``n_total`` is the padding);
+    ``None``: the ratings are that array."""
     dev = rows.device
     n = rows.numel()
+    pad = n if n_total is None else int(n_total)
     order = torch.argsort(rows, stable=True)
     cols_sorted = cols[order]
     counts = torch.bincount(rows, minlength=n_rows)
@@ -181,10 +248,11 @@ def _build_side(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
     active = active[np.argsort(counts_np[active], kind="stable")]
     seg_cap = max(1, budget // k)
     # int32 indices halve the plan's memory whenever the ids fit
-    idx_dtype = torch.int32 if max(n, n_cols) < 2**31 - 1 else torch.int64
+    idx_dtype = torch.int32 if max(pad, n_cols) < 2**31 - 1 else torch.int64
     chunks = []
     # Padded slots point at position n (zero target) and column n_cols (zero features).
-    order_ext = torch.cat([order, torch.tensor([n], device=dev)])
+    place = order if positions is None else positions[order]
+    order_ext = torch.cat([place, torch.tensor([pad], device=dev)])
     cols_ext = torch.cat([cols_sorted, torch.tensor([n_cols], device=dev)])
     for lo, hi in _chunks(counts_np[active], seg_cap, k, budget):
         chunk = torch.from_numpy(active[lo:hi]).to(dev)
@@ -255,6 +323,40 @@ def _solve_side(factors, bias, fixed_factors, fixed_bias, centered, side: _Side,
         sol = _spd_solve(gram, rhs)[..., 0]
         factors[ch.rows] = sol[:, :d]
         bias[ch.rows] = sol[:, d]
+
+
+def _solve_users_summed(factors, bias, fixed_factors, fixed_bias, centered,
+                        blocks: list[tuple[int, int, _Side]],
+                        reg: tuple[float, float, float, float], budget: int,
+                        user_sum: Callable[[torch.Tensor], object], counts: torch.Tensor) -> None:
+    """The user side of an item-sharded sweep: per block, this rank's partial normal
+    equations, summed over the ranks by ``user_sum``, regularized with the global
+    ``counts [U]`` and solved (the same systems, hence the same rows, on every rank)."""
+    d = factors.shape[1]
+    k = d + 1
+    dtype = factors.dtype
+    feats, fbias = side_features(fixed_factors, fixed_bias)
+    reg_factors, reg_bias, alpha, beta = reg
+    for lo, hi, side in blocks:
+        gram = factors.new_zeros(hi - lo, k, k)
+        rhs = factors.new_zeros(hi - lo, k, 1)
+        for ch in side.chunks:
+            g, r = chunk_normal_equations(feats, fbias, centered, ch, budget)
+            gram.index_add_(0, ch.rows, g)
+            rhs.index_add_(0, ch.rows, r)
+        user_sum(gram)
+        user_sum(rhs)
+        n = counts[lo:hi]
+        rows = torch.nonzero(n > 0).squeeze(1)
+        if rows.numel() == 0:
+            continue
+        gram, rhs, n = gram[rows], rhs[rows], n[rows].to(dtype)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
+        diag[:, d] += reg_bias * n.pow(beta)
+        sol = _spd_solve(gram, rhs)[..., 0]
+        factors[lo + rows] = sol[:, :d]
+        bias[lo + rows] = sol[:, d]
 
 
 def side_features(fixed_factors: torch.Tensor, fixed_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

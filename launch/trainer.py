@@ -13,6 +13,9 @@ default single-process ``World()``:
   ``world.all_reduce_sum`` (W > 1) — see :func:`svdfill.kernels.sgd.sgd_step_split`; the
   row-sparse optimizer steps without autograd (``kernels.row_optim``: SparseAdam, and
   Adagrad with ``kernel = "fused"``) all-reduce the user side's gradient sums the same way;
+- ALS solves its item shard locally and all-reduces the users' normal equations block by
+  block (``kernels.als.als_sweep(user_sum=...)``), so every rank solves the same user
+  systems; the Gibbs sampler runs in one process;
 - metric sums are all-reduced, so every rank sees the same validation RMSE and takes the
   same early-stopping decision;
 - checkpoints hold full tables (``world.gather_items``) written by the main rank only, so a
@@ -211,9 +214,11 @@ class _Trainer:
             from svdfill.kernels.triton_sgd import fused_sgd_step, fused_sgd_step_split
 
             self.sgd_fn, self.sgd_split_fn = fused_sgd_step, fused_sgd_step_split
-        if self.kind in ("als", "gibbs") and world.world_size > 1:
-            raise UserError(f"train.solver = {self.kind!r} runs on one process; use solver = 'sgd' "
-                            "for distributed training")
+        if self.kind == "gibbs" and world.world_size > 1:
+            raise UserError("train.solver = 'gibbs' runs on one process; use solver = 'als' or "
+                            "'sgd' for distributed training")
+        # ALS at W > 1: the user side's normal equations are summed over the item shards
+        self.user_counts = user_counts
         self.chain = None  # the Gibbs sampler, started by the first sweep or a checkpoint
         n_global = world.all_reduce_sum(torch.tensor([float(len(train))], dtype=torch.float64))
         self.n_global = float(n_global[0])
@@ -293,9 +298,12 @@ class _Trainer:
         from svdfill.kernels.als import als_sweep
 
         d = self.data
+        sharded = self.world.world_size > 1
         als_sweep(self.model, d.users, d.items, d.ratings, reg_factors=self.reg_f,
                   reg_bias=self.reg_b, reg_exponent=self.cfg.train.als_reg_exponent,
-                  bias_reg_exponent=self.cfg.train.als_bias_reg_exponent)
+                  bias_reg_exponent=self.cfg.train.als_bias_reg_exponent,
+                  user_sum=self.world.all_reduce_sum if sharded else None,
+                  user_counts=self.user_counts if sharded else None)
 
     def _start_chain(self, state: dict[str, torch.Tensor] | None = None) -> None:
         """The Gibbs chain from ``gibbs_warm_start`` ALS sweeps (a MAP fit: the chain then

@@ -205,3 +205,100 @@ def test_plan_cache_is_dropped_with_its_index_tensors():
     del u2, i2
     gc.collect()
     assert not als._cache
+
+
+class _ThreadSum:
+    """An in-place sum over W threads standing in for the ranks of an item-sharded world:
+    each rank calls it with same-shaped tensors in the same order (a collective's contract),
+    and every rank gets the parts added in the same order, as an all-reduce delivers."""
+
+    def __init__(self, world_size: int):
+        import threading
+
+        self.parts: list[torch.Tensor | None] = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+        self.calls = [0] * world_size
+
+    def of_rank(self, rank: int):
+        def user_sum(t: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = t.clone()
+            self.calls[rank] += 1
+            self.barrier.wait()
+            total = self.parts[0].clone()
+            for p in self.parts[1:]:
+                total += p
+            self.barrier.wait()
+            return t.copy_(total)
+        return user_sum
+
+
+@pytest.mark.parametrize("budget", [None, 200, 37])
+@pytest.mark.parametrize("shards", [[(0, 7), (7, 25)], [(0, 7), (7, 24), (24, 25)]])
+def test_item_sharded_sweeps_equal_the_float64_brute_force(budget, shards):
+    """Ranks that own item shards (the last one, item 24, has no rating at all) sweep with
+    their users' normal equations summed across ranks: every rank ends with the same user
+    table, bit for bit, and the tables match two float64 sweeps over all ratings. Budgets
+    of 200 and 37 elements cut the users into 5-user and 1-user blocks."""
+    import threading
+
+    model, u, i, r = _random_problem(4, 40, 25, 900, 5)
+    full = {k: v.clone() for k, v in model.state_tensors().items()}
+    ref_model, *_ = _random_problem(4, 40, 25, 900, 5)
+    for _ in range(2):
+        ref = _brute_sweep(ref_model, u, i, r, 0.07, 0.02, 0.6, 0.0)
+        with torch.no_grad():
+            for name, val in zip(("user_factors", "item_factors", "user_bias", "item_bias"), ref):
+                getattr(ref_model, name).copy_(torch.from_numpy(val).float())
+    counts = torch.bincount(u, minlength=40)
+    summer = _ThreadSum(len(shards))
+    ranks: list[BiasedMF] = []
+    errors: list[BaseException] = []
+    for lo, hi in shards:
+        state = dict(full, item_factors=full["item_factors"][lo:hi].clone(),
+                     item_bias=full["item_bias"][lo:hi].clone())
+        ranks.append(BiasedMF.from_state(state, item_offset=lo))
+
+    def run(rank: int) -> None:
+        lo, hi = shards[rank]
+        keep = (i >= lo) & (i < hi)
+        uu, ii, rr = u[keep].clone(), (i[keep] - lo).clone(), r[keep].clone()
+        try:
+            for _ in range(2):
+                als_sweep(ranks[rank], uu, ii, rr, reg_factors=0.07, reg_bias=0.02,
+                          reg_exponent=0.6, bias_reg_exponent=0.0, budget_elements=budget,
+                          user_sum=summer.of_rank(rank), user_counts=counts)
+        except BaseException as e:  # surfaced below, with the barrier broken for the others
+            errors.append(e)
+            summer.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(set(summer.calls)) == 1 and summer.calls[0] >= 4
+    for m in ranks[1:]:
+        assert torch.equal(m.user_factors, ranks[0].user_factors)
+        assert torch.equal(m.user_bias, ranks[0].user_bias)
+    merged = BiasedMF.from_state(dict(
+        full, user_factors=ranks[0].user_factors.detach(), user_bias=ranks[0].user_bias.detach(),
+        item_factors=torch.cat([m.item_factors.detach() for m in ranks]),
+        item_bias=torch.cat([m.item_bias.detach() for m in ranks])))
+    _assert_close(merged, ref, tol=1e-3)
+
+
+def test_item_sharded_sweep_arguments():
+    model, u, i, r = _random_problem(5, 10, 8, 100, 3)
+    with pytest.raises(ValueError, match="go together"):
+        als_sweep(model, u, i, r, reg_factors=0.1, reg_bias=0.1, user_sum=lambda t: t)
+    with pytest.raises(ValueError, match=r"user_counts must be \[10\]"):
+        als_sweep(model, u, i, r, reg_factors=0.1, reg_bias=0.1, user_sum=lambda t: t,
+                  user_counts=torch.ones(9))
+    # a world of one: the summed path is the plain sweep
+    plain, *_ = _random_problem(5, 10, 8, 100, 3)
+    als_sweep(plain, u, i, r, reg_factors=0.1, reg_bias=0.1)
+    als_sweep(model, u, i, r, reg_factors=0.1, reg_bias=0.1, user_sum=lambda t: t,
+              user_counts=torch.bincount(u, minlength=10), budget_elements=40)
+    for name in ("user_factors", "item_factors", "user_bias", "item_bias"):
+        torch.testing.assert_close(getattr(model, name), getattr(plain, name), rtol=1e-5, atol=1e-6)

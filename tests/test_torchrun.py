@@ -139,6 +139,31 @@ def test_resume_at_other_world_size(trained, tmp_path):
     assert abs(sb["val_rmse"] - s1["val_rmse"]) <= 0.005
 
 
+@pytest.mark.multiprocess
+def test_als_preset_w2_equals_one_process(tmp_path):
+    """The ALS preset under torchrun W=2 (items sharded, the users' normal equations
+    all-reduced) trains the model one process trains, up to float summation order."""
+    from svdfill import checkpoint as ck
+    from svdfill.config import apply_overrides, load_config
+    from svdfill.launch.trainer import run_training
+
+    ratings = _ml100k()
+    torch.set_num_threads(1)
+    single = tmp_path / "single"
+    s1 = run_training(apply_overrides(load_config("ml-100k-als"), {"data.path": str(ratings)}),
+                      single, quiet=True)
+    dist = tmp_path / "dist"
+    torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k-als", "--ratings", ratings,
+             "--out", dist, "--quiet")
+    s2 = json.loads((dist / ck.SUMMARY_FILE).read_text())
+    assert s2["world_size"] == 2 and s2["epochs_run"] == s1["epochs_run"] == 8
+    assert abs(s2["val_rmse"] - s1["val_rmse"]) < 1e-4, (s1["val_rmse"], s2["val_rmse"])
+    assert s2["val_rmse"] < 0.92
+    a, b = ck.load_model(single).state, ck.load_model(dist).state
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
+
+
 def single_process_fill(model: Path, out: Path, *extra: str) -> None:
     """``svdfill fill`` in this process (the reference output)."""
     import argparse

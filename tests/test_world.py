@@ -194,6 +194,39 @@ def _sparse_adam_fits(rank: int, world_size: int) -> None:
         assert abs(a["val_rmse"] - b["val_rmse"]) < 1e-5, (a, b)
 
 
+def _als_fits(rank: int, world_size: int) -> None:
+    """ALS at W=2 (item shards, the users' normal equations all-reduced in blocks) is the
+    one-process run up to float summation order: same RMSE every sweep, same tables. The
+    budget cuts the 500 users into blocks of 12."""
+    import svdfill.kernels.als as als
+    from svdfill.config import apply_overrides
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.distributed.sharding import even_shards
+    from svdfill.launch.trainer import fit
+    from test_row_optim import _trainer_cfg
+
+    cfg = apply_overrides(_trainer_cfg(), {"train.solver": "als", "train.reg_factors": 0.05,
+                                           "train.reg_bias": 0.05, "train.epochs": 3})
+    train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
+    budget = als.DEFAULT_BUDGET_ELEMENTS
+    als.DEFAULT_BUDGET_ELEMENTS = 12 * 25  # k = 5: 12 users a block
+    try:
+        ref = fit(cfg, train, val, quiet=True)
+        shards = even_shards(train.n_items, world_size)
+        got = fit(cfg, train, val, DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards),
+                  quiet=True)
+    finally:
+        als.DEFAULT_BUDGET_ELEMENTS = budget
+    for a, b in zip(ref.history, got.history, strict=True):
+        assert abs(a["val_rmse"] - b["val_rmse"]) < 1e-5, (a, b)
+    mean_only = float((val.ratings - train.ratings.mean()).pow(2).mean().sqrt())
+    assert got.summary["val_rmse"] < 0.9 * mean_only  # it learned
+    if rank == 0:
+        for k in ref.state:
+            torch.testing.assert_close(got.state[k], ref.state[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
 def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
     """Everything in one process group (spawning costs more than the checks)."""
     try:
@@ -202,6 +235,7 @@ def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
         _ddp_step(rank, world_size, sparse=False)  # dense all-reduce (what nccl does)
         _ddp_step(rank, world_size, sparse=True)   # gloo's sparse all-reduce
         _sparse_adam_fits(rank, world_size)
+        _als_fits(rank, world_size)
         # leave together: a rank that tears its group down while the other still runs its
         # last comparisons closes the sockets under gloo's threads (SIGABRT at exit)
         dist.barrier()
@@ -216,8 +250,8 @@ def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
 def test_gloo_world_collectives_gathers_and_ddp():
     """Real 2-process gloo group: all-reduce, max, broadcast, item-table gather with uneven
     shards, shard top-k gather + merge, a DDP step (dense and sparse) that equals the
-    single-process step over the union of the ranks' batches, and sparse_adam training at
-    W=2 (sparse DDP and dense sums) equal to one process."""
+    single-process step over the union of the ranks' batches, sparse_adam training at
+    W=2 (sparse DDP and dense sums) equal to one process, and ALS at W=2 equal to one process."""
     _run(_all_checks)
 
 
