@@ -4,15 +4,19 @@
 # through torchrun (nproc 1) and once through Ray Train (use_gpu) + Ray fill actors, each
 # phase timed. Writes $OUT/e2e.txt (one line per phase) and the runs' summary.json.
 #
-#   bash .ci/e2e-600k.sh [torchrun] [ray]      (default: both; ray needs .whl-ray carried:
-#                                               bash ../shared/tools/ray-gpu-carry.sh)
+#   bash .ci/e2e-600k.sh [torchrun] [ray] [als]   (default: all three; ray needs .whl-ray
+#                                                  carried: bash ../shared/tools/ray-gpu-carry.sh)
+#
+# als: the same job with ALS (configs/synthetic-600k-als.toml, CONFIG_ALS) through torchrun,
+# the solver measured against SparseAdam on the same data.
 set -uo pipefail
 OUT=${OUT:-/tmp/svdfill-device}
 mkdir -p "$OUT"
 RES="$OUT/e2e.txt"
-ENGINES=${*:-torchrun ray}
+ENGINES=${*:-torchrun ray als}
 PY=${PY:-python3}           # the interpreter with svdfill importable
 CONFIG=${CONFIG:-synthetic-600k}   # CONFIG=demo DEVICE=cpu tries the script on a laptop
+CONFIG_ALS=${CONFIG_ALS:-synthetic-600k-als}
 DEVICE=${DEVICE:-cuda}
 SIGMA=${SIGMA:-0.5}                # the config's data.synthetic.noise
 GPU_FLAG=$([[ $DEVICE == cuda* ]] && echo --use-gpu)
@@ -48,15 +52,20 @@ except Exception as e:  # the phase's rc says what failed
 PY
 }
 
+torchrun_job() {  # torchrun_job ENGINE CONFIG: train (nproc 1), then fill, then report
+  local R=${TMPDIR:-/tmp}/e2e-$1; rm -rf "$R"; local T0; T0=$(now)
+  phase "$1" train $PY -m torch.distributed.run --standalone --nproc_per_node=1 \
+    --rdzv-endpoint=127.0.0.1:0 -m svdfill.launch.torchrun_train --config "$2" \
+    --out "$R" --device "$DEVICE" --quiet \
+  && phase "$1" fill $PY -m svdfill.launch.cli fill --model "$R" --out "$R/recs.parquet" \
+    --device "$DEVICE" --quiet
+  report "$1" "$R" "$T0"
+  rm -rf "$R"  # 600k users' top-100 and a model: the disk is not ours to fill
+}
+
 date -u | tee "$RES"
 if [[ " $ENGINES " == *" torchrun "* ]]; then
-  R=${TMPDIR:-/tmp}/e2e-torchrun; rm -rf "$R"; T0=$(now)
-  phase torchrun train $PY -m torch.distributed.run --standalone --nproc_per_node=1 \
-    --rdzv-endpoint=127.0.0.1:0 -m svdfill.launch.torchrun_train --config "$CONFIG" \
-    --out "$R" --device "$DEVICE" --quiet \
-  && phase torchrun fill $PY -m svdfill.launch.cli fill --model "$R" --out "$R/recs.parquet" \
-    --device "$DEVICE" --quiet
-  report torchrun "$R" "$T0"
+  torchrun_job torchrun "$CONFIG"
 fi
 if [[ " $ENGINES " == *" ray "* ]]; then
   if ls .whl-ray/*.whl > /dev/null 2>&1; then
@@ -79,5 +88,8 @@ if [[ " $ENGINES " == *" ray "* ]]; then
     echo "ray       skipped: no Ray here and no .whl-ray/ carried (bash ../shared/tools/ray-gpu-carry.sh)" \
       | tee -a "$RES"
   fi
+fi
+if [[ " $ENGINES " == *" als "* ]]; then
+  torchrun_job als "$CONFIG_ALS"
 fi
 exit 0

@@ -138,6 +138,16 @@ class _Data:
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
 
+    def sample(self, m: int, seed: int) -> "_Data":
+        """``m`` ratings drawn uniformly with replacement by a generator seeded with ``seed``,
+        in storage order (gathers stay local); ``self`` when ``m`` is 0 or not below ``len``."""
+        n = len(self)
+        if m <= 0 or m >= n:
+            return self
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (m,), generator=g).sort().values.to(self.ratings.device)
+        return _Data(self.users[idx], self.items[idx], self.ratings[idx])
+
 
 @dataclass
 class FitResult:
@@ -476,6 +486,10 @@ def _run_phase(phase: str, cfg: Config, world: World, train: Ratings, val: Ratin
     mu = _global_mean(world, train, dev)
     uc, ic = _counts(world, train, train.n_users, n_local_items, dev)
     tr = _Trainer(cfg, world, data, train.n_users, n_local_items, n_items, lo, mu, uc, ic)
+    # each rank's share of the per-epoch train-metrics sample follows its share of the ratings
+    n_all = max(tr.n_global, 1.0)
+    share = math.ceil(t.metrics_sample * len(data) / n_all) if t.metrics_sample > 0 else 0
+    tdata = data.sample(share, _phase_seed(t.seed, phase, 0, world.rank))
 
     start_epoch, best, bad, seconds = 0, None, 0, 0.0
     if ckpt is not None and ckpt.get("phase") == phase:
@@ -501,7 +515,7 @@ def _run_phase(phase: str, cfg: Config, world: World, train: Ratings, val: Ratin
         epoch += 1
         t0 = time.perf_counter()
         tr.run_epoch(phase, epoch, progress)
-        tm = tr.evaluate(data)
+        tm = tr.evaluate(tdata)
         vm = tr.evaluate(vdata) if vdata is not None else {"mse": math.nan, "rmse": math.nan, "mae": math.nan}
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)

@@ -16,16 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.multiprocess
 def test_e2e_script_runs_the_job_and_reports_each_phase(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), CONFIG="demo", DEVICE="cpu", SIGMA="0.5",
-               PY=sys.executable, TMPDIR=str(tmp_path))
-    res = subprocess.run(["bash", str(ROOT / ".ci" / "e2e-600k.sh"), "torchrun"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OUT=str(tmp_path), CONFIG="demo", CONFIG_ALS="demo", DEVICE="cpu",
+               SIGMA="0.5", PY=sys.executable, TMPDIR=str(tmp_path))
+    res = subprocess.run(["bash", str(ROOT / ".ci" / "e2e-600k.sh"), "torchrun", "als"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     report = (tmp_path / "e2e.txt").read_text()
-    for line in ("torchrun  train  rc=0", "torchrun  fill   rc=0", "torchrun  total"):
-        assert line in report, report
-    assert "val RMSE" in report and "rows in 1 row groups" in report, report
-    assert (tmp_path / "summary-torchrun.json").exists()
+    for engine in ("torchrun", "als"):
+        for phase in ("train  rc=0", "fill   rc=0", "total"):
+            assert f"{engine:<9} {phase}" in report, report
+        assert (tmp_path / f"summary-{engine}.json").exists()
+        assert not (tmp_path / f"e2e-{engine}").exists()  # the run is removed once reported
+    assert report.count("val RMSE") == 2 and "rows in 1 row groups" in report, report
 
 
 def test_device_checks_script_parses_and_names_existing_tests():

@@ -223,3 +223,29 @@ def test_localize_and_config_differences():
     a = to_dict(Config())
     b = to_dict(apply_overrides(Config(), {"train.epochs": 3, "train.lr": 0.5, "fill.k": 3}))
     assert config_differences(a, b) == ["train.lr"]
+
+
+def test_train_metrics_on_a_fixed_sample():
+    """Each epoch's train_* metrics come from a fixed seeded sample of metrics_sample
+    ratings when there are more: close to, but not, the full figures (which metrics_sample
+    = 0 gives, as does the summary either way); the validation figures and the model do
+    not depend on it."""
+    from svdfill.kernels.metrics import rating_metrics
+    from svdfill.kernels.model import BiasedMF
+
+    cfg = _cfg(**{"train.epochs": 3, "train.solver": "als"})
+    train, val = _data(cfg)
+    full = fit(apply_overrides(cfg, {"train.metrics_sample": 0}), train, val, quiet=True)
+    part = fit(apply_overrides(cfg, {"train.metrics_sample": 3000}), train, val, quiet=True)
+    assert len(train) > 3000
+    for a, b in zip(full.history, part.history, strict=True):
+        assert a["val_rmse"] == b["val_rmse"]
+        assert a["train_rmse"] != b["train_rmse"]
+        assert abs(a["train_rmse"] - b["train_rmse"]) < 0.05 * a["train_rmse"], (a, b)
+    m = BiasedMF.from_state(part.state)
+    want = rating_metrics(m.predict(train.users, train.items), train.ratings)["rmse"]
+    assert part.summary["train_rmse"] == pytest.approx(want, rel=1e-6)
+    assert full.summary["train_rmse"] == pytest.approx(want, rel=1e-6)
+    # the sample is the same at every run of the config: same figures twice
+    again = fit(apply_overrides(cfg, {"train.metrics_sample": 3000}), train, val, quiet=True)
+    assert [r["train_rmse"] for r in again.history] == [r["train_rmse"] for r in part.history]
