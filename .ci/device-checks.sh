@@ -78,7 +78,7 @@ for s in "${WANT[@]}"; do
       -k "cuda and not compiles_for_hopper" \
       tests/test_fill.py tests/test_gibbs.py tests/test_triton_fill.py tests/test_triton_sgd.py \
       tests/test_triton_row_optim.py tests/test_row_optim.py tests/test_triton_util.py \
-      tests/test_sgd.py tests/test_world.py tests/test_csr.py ;;
+      tests/test_sgd.py tests/test_world.py tests/test_csr.py tests/test_als.py ;;
     baselines) stage baselines python3 .dev/torch-baselines.py ;;
     # the fill shape first: if the cap cuts the stage, the figures already written (one JSON
     # line each) hold the headline one

@@ -67,7 +67,7 @@ def _brute_sweep(model, users, items, ratings, lf, lb, alpha=1.0, beta=1.0):
 def _assert_close(model, ref, tol=2e-4):
     names = ("user_factors", "item_factors", "user_bias", "item_bias")
     for name, want in zip(names, ref):
-        got = getattr(model, name).detach().double().numpy()
+        got = getattr(model, name).detach().double().cpu().numpy()
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(got - want).max() <= tol * scale, name
 
@@ -232,14 +232,19 @@ class _ThreadSum:
         return user_sum
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("budget", [None, 200, 37])
 @pytest.mark.parametrize("shards", [[(0, 7), (7, 25)], [(0, 7), (7, 24), (24, 25)]])
-def test_item_sharded_sweeps_equal_the_float64_brute_force(budget, shards):
+def test_item_sharded_sweeps_equal_the_float64_brute_force(budget, shards, device, request):
     """Ranks that own item shards (the last one, item 24, has no rating at all) sweep with
     their users' normal equations summed across ranks: every rank ends with the same user
     table, bit for bit, and the tables match two float64 sweeps over all ratings. Budgets
-    of 200 and 37 elements cut the users into 5-user and 1-user blocks."""
+    of 200 and 37 elements cut the users into 5-user and 1-user blocks. On CUDA the ranks
+    share the GPU."""
     import threading
+
+    if device == "cuda":
+        request.getfixturevalue("cuda")  # skips without CUDA
 
     model, u, i, r = _random_problem(4, 40, 25, 900, 5)
     full = {k: v.clone() for k, v in model.state_tensors().items()}
@@ -249,19 +254,19 @@ def test_item_sharded_sweeps_equal_the_float64_brute_force(budget, shards):
         with torch.no_grad():
             for name, val in zip(("user_factors", "item_factors", "user_bias", "item_bias"), ref):
                 getattr(ref_model, name).copy_(torch.from_numpy(val).float())
-    counts = torch.bincount(u, minlength=40)
+    counts = torch.bincount(u, minlength=40).to(device)
     summer = _ThreadSum(len(shards))
     ranks: list[BiasedMF] = []
     errors: list[BaseException] = []
     for lo, hi in shards:
         state = dict(full, item_factors=full["item_factors"][lo:hi].clone(),
                      item_bias=full["item_bias"][lo:hi].clone())
-        ranks.append(BiasedMF.from_state(state, item_offset=lo))
+        ranks.append(BiasedMF.from_state(state, device, item_offset=lo))
 
     def run(rank: int) -> None:
         lo, hi = shards[rank]
         keep = (i >= lo) & (i < hi)
-        uu, ii, rr = u[keep].clone(), (i[keep] - lo).clone(), r[keep].clone()
+        uu, ii, rr = (t.to(device) for t in (u[keep], i[keep] - lo, r[keep]))
         try:
             for _ in range(2):
                 als_sweep(ranks[rank], uu, ii, rr, reg_factors=0.07, reg_bias=0.02,
@@ -282,9 +287,10 @@ def test_item_sharded_sweeps_equal_the_float64_brute_force(budget, shards):
         assert torch.equal(m.user_factors, ranks[0].user_factors)
         assert torch.equal(m.user_bias, ranks[0].user_bias)
     merged = BiasedMF.from_state(dict(
-        full, user_factors=ranks[0].user_factors.detach(), user_bias=ranks[0].user_bias.detach(),
-        item_factors=torch.cat([m.item_factors.detach() for m in ranks]),
-        item_bias=torch.cat([m.item_bias.detach() for m in ranks])))
+        full, user_factors=ranks[0].user_factors.detach().cpu(),
+        user_bias=ranks[0].user_bias.detach().cpu(),
+        item_factors=torch.cat([m.item_factors.detach().cpu() for m in ranks]),
+        item_bias=torch.cat([m.item_bias.detach().cpu() for m in ranks])))
     _assert_close(merged, ref, tol=1e-3)
 
 
@@ -302,3 +308,13 @@ def test_item_sharded_sweep_arguments():
               user_counts=torch.bincount(u, minlength=10), budget_elements=40)
     for name in ("user_factors", "item_factors", "user_bias", "item_bias"):
         torch.testing.assert_close(getattr(model, name), getattr(plain, name), rtol=1e-5, atol=1e-6)
+
+
+def test_sweep_on_cuda_matches_float64_brute_force(cuda):
+    model, u, i, r = _random_problem(6, 40, 25, 900, 5)
+    ref = _brute_sweep(model, u, i, r, 0.07, 0.02, 0.6, 0.0)
+    model = model.to(cuda)
+    als_sweep(model, u.to(cuda), i.to(cuda), r.to(cuda), reg_factors=0.07, reg_bias=0.02,
+              reg_exponent=0.6, bias_reg_exponent=0.0, budget_elements=200)
+    assert model.user_factors.device.type == "cuda"
+    _assert_close(model, ref)
