@@ -78,7 +78,7 @@ if [[ " $ENGINES " == *" ray "* ]]; then
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
     R=${TMPDIR:-/tmp}/e2e-ray; rm -rf "$R"; T0=$(now)
     phase ray train $PY -m svdfill.launch.ray_job train --config "$CONFIG" --out "$R" \
-      --device "$DEVICE" $GPU_FLAG --num-workers 1 --quiet \
+      --device "$DEVICE" $GPU_FLAG --num-workers 1 --max-failures 0 --quiet \
     && phase ray fill $PY -m svdfill.launch.ray_job fill --model "$R" --out "$R/recs.parquet" \
       --device "$DEVICE" $GPU_FLAG --num-actors 1 --quiet
     report ray "$R" "$T0"

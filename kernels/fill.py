@@ -282,10 +282,26 @@ def _augment(factors: Tensor, last: Tensor, dtype: str) -> Tensor:
     return out.to(torch.bfloat16) if dtype == "bfloat16" else out
 
 
+_MM_OUT_DTYPE: dict[str, bool] = {}
+"""Per device type: whether ``torch.mm(..., out_dtype=torch.float32)`` takes bf16 inputs."""
+
+
 def _scores(pu: Tensor, qi_t: Tensor) -> Tensor:
-    """[B, d+1] · [d+1, T] -> float32 [B, T] (bf16 inputs accumulate in fp32)."""
-    s = pu @ qi_t
-    return s if s.dtype == torch.float32 else s.to(torch.float32)
+    """[B, d+1] · [d+1, T] -> float32 [B, T]. bf16 inputs: their exact products summed in
+    fp32, and the sums kept in fp32 — what the fused kernel computes. A bf16 *result* (plain
+    ``pu @ qi_t``) would round the scores to 8 bits, which ties nearly every row's k-th and
+    (k+1)-th score on a wide tile, and the tie rule's full-width redo of such rows made the
+    torch tiles ~10× slower (32 users × 1M items, d = 128)."""
+    if pu.dtype != torch.bfloat16:
+        return pu @ qi_t
+    dev = pu.device.type
+    if _MM_OUT_DTYPE.get(dev, dev == "cuda"):
+        try:
+            return torch.mm(pu, qi_t, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch, or no kernel
+            _MM_OUT_DTYPE[dev] = False
+    # bf16 values are exact in float32: the same products and fp32 sums, at fp32 speed
+    return pu.to(torch.float32) @ qi_t.to(torch.float32)
 
 
 def _seen_by_tile(rows: Tensor, cols: Tensor, tile: int, n_tiles: int):
@@ -307,9 +323,11 @@ def _triton_impl(device: torch.device):
         return None
     try:
         from svdfill.kernels.triton_fill import fill_topk_triton
+        from svdfill.kernels.triton_util import triton_mode
     except ImportError:
         return None
-    return fill_topk_triton
+    # no usable triton (absent, or too old to compile it right): the tiles, without a trial
+    return fill_topk_triton if triton_mode(device) is not None else None
 
 
 def _kernel_setting() -> str:
@@ -340,27 +358,30 @@ trial: the fp32 accumulation orders differ, and with bf16 the tiles round the GE
 bf16 while the fused kernel keeps fp32. A wrong mask, bias or row is off by far more."""
 
 
-def _pick_kernel(key: tuple, trial: int, run_both, *, rel_tol: float) -> str:
+def _pick_kernel(key: tuple, trial: int, run_tiles, run_fused, *, rel_tol: float) -> str:
     """``auto``: time the fused kernel against the torch tiles once per ``key`` on a trial
     block and keep the faster; if the fused one fails or disagrees, the tiles.
 
-    ``run_both() -> (torch_result, fused_result, torch_s, fused_s)`` runs the two on the
-    trial block. They agree when their -inf (padding) positions are equal and their score
-    lists (each sorted descending, so order statistics) are within ``rel_tol`` of the
-    largest |score|; items may trade places at near-ties, as the module docstring allows.
+    ``run_tiles()`` / ``run_fused()`` ``-> ((scores, items), seconds)`` run each on the
+    trial block. An error of the tiles propagates (they are the answer either way); one of
+    the fused kernel only rules it out. The two agree when their -inf (padding) positions
+    are equal and their score lists (each sorted descending, so order statistics) are
+    within ``rel_tol`` of the largest |score|; items may trade places at near-ties, as the
+    module docstring allows.
     """
     import warnings
 
     got = _CHOICES.get(key)
     if got is not None:
         return got["kernel"]
+    (t_s, _), torch_s = run_tiles()
     try:
-        (t_s, _), (f_s, _), torch_s, fused_s = run_both()
+        (f_s, _), fused_s = run_fused()
     except Exception as e:  # a compile or launch failure: the tiles still give the answer
         first = str(e).splitlines()[0][:200] if str(e) else ""
         warnings.warn(f"svdfill fill: the fused Triton fill failed its trial ({type(e).__name__}: "
                       f"{first}); using the torch tiles")
-        _CHOICES[key] = {"kernel": "torch", "torch_s": None, "triton_s": None,
+        _CHOICES[key] = {"kernel": "torch", "torch_s": torch_s, "triton_s": None,
                          "reason": f"fused failed: {type(e).__name__}"}
         return "torch"
     fin = torch.isfinite(t_s)
@@ -416,7 +437,9 @@ def fill_topk(
         global_mean: μ (float or 0-d tensor), added with b_u to every score in float32.
         k: items per user (>= 1); more than I is allowed (the tail is padding).
         seen: CSR ``(indptr int64 [U+1], indices int32/int64 [nnz])`` of local item ids
-            (0..I-1) to exclude per user; on any device. None = exclude nothing.
+            (0..I-1) to exclude per user, each row sorted ascending (as
+            ``data.csr.build_csr`` makes them: the fused kernel walks a row in order); on
+            any device. None = exclude nothing.
         item_offset: added to the returned item ids (an item shard reports global ids).
         dtype: None | "float32" | "tf32" | "bfloat16" compute (see the module docstring).
         memory_budget: bytes for score tiles; None = 60% of free CUDA memory, or 256 MiB
@@ -452,15 +475,21 @@ def fill_topk(
             n = min(n_users, AUTO_TRIAL_USERS)
             part = None if seen is None else csr_slice(seen[0], seen[1], 0, n)
 
-            def run_both():
-                trial = (user_factors[:n], item_factors, user_bias[:n], item_bias, global_mean, k, part)
-                fused(*trial, **opts)  # compiles the variant; not timed
-                t_res, t_s = _timed(lambda: _fill_tiles(*trial, mode=mode, item_offset=item_offset,
-                                                        memory_budget=memory_budget), device)
-                f_res, f_s = _timed(lambda: fused(*trial, **opts), device)
-                return t_res, f_res, t_s, f_s
+            trial = (user_factors[:n], item_factors, user_bias[:n], item_bias, global_mean, k, part)
 
-            setting = _pick_kernel(key, n, run_both, rel_tol=AUTO_TOLERANCE[mode])
+            def tiles():
+                return _fill_tiles(*trial, mode=mode, item_offset=item_offset,
+                                   memory_budget=memory_budget)
+
+            def run_tiles():
+                tiles()  # cuBLAS handles, first-use kernels, the allocator: not timed
+                return _timed(tiles, device)
+
+            def run_fused():
+                fused(*trial, **opts)  # compiles the variant: not timed either
+                return _timed(lambda: fused(*trial, **opts), device)
+
+            setting = _pick_kernel(key, n, run_tiles, run_fused, rel_tol=AUTO_TOLERANCE[mode])
         if setting == "triton":
             return fused(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen, **opts)
     return _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen,

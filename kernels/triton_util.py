@@ -35,6 +35,26 @@ INTERPRET_ENV = "TRITON_INTERPRET"
 
 _BUILT: dict[tuple[Callable, bool], object] = {}
 
+MIN_COMPILED_TRITON = (3, 5)
+"""Oldest triton whose compiled kernels are used: up to 3.4 a tensor atomic returns the old
+value to one thread only and 0 to the threads that hold copies of the same element
+(triton-lang/triton#7402), and the fused fill reads those values (its candidate slots and
+pruning bound). The interpreter never had the bug."""
+
+
+@functools.lru_cache(maxsize=1)
+def triton_version() -> tuple[int, ...] | None:
+    """The installed triton's (major, minor), or None without triton."""
+    if not triton_available():
+        return None
+    import triton
+
+    parts = []
+    for p in triton.__version__.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -65,7 +85,7 @@ def triton_mode(device: torch.device | str) -> str | None:
     if interpret_requested():
         return "interpret"
     if device.type == "cuda" and torch.cuda.is_available():
-        return "compiled"
+        return "compiled" if triton_version() >= MIN_COMPILED_TRITON else None
     return None
 
 
@@ -76,6 +96,10 @@ def unavailable_reason(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available in this process"
+    if device.type == "cuda" and triton_version() < MIN_COMPILED_TRITON:
+        want = ".".join(map(str, MIN_COMPILED_TRITON))
+        return (f"triton {'.'.join(map(str, triton_version()))} is older than {want}, whose "
+                f"atomics the fused kernels need (pip install 'triton>={want}')")
     return (f"fused Triton kernels need CUDA tensors (or {INTERPRET_ENV}=1 for the CPU "
             f"interpreter); got device {device}")
 

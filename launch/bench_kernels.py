@@ -568,6 +568,8 @@ def _main(args: argparse.Namespace) -> int:
                   "machine, or add --smoke for a tiny CPU run through Triton's interpreter.")
             return 0
         device = torch.device(args.device)
+        if device.index is None:  # set_device needs an index: "cuda" is the current one
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         device_name = torch.cuda.get_device_name(device)
     timer = _Timer(torch, device)

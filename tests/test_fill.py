@@ -153,6 +153,24 @@ def test_bfloat16_within_documented_tolerance():
         np.testing.assert_allclose(s[u].numpy(), full[u, items], atol=4 * tol[u, items].max() + 1e-5)
 
 
+def test_bfloat16_scores_are_fp32_sums_of_exact_products(device):
+    """The torch tiles' bf16 GEMM: bf16 inputs, their products summed and returned in fp32
+    (as the fused kernel does), not rounded to bf16 — a bf16 result would tie most rows'
+    k-th and (k+1)-th scores on a wide tile. Equal to float64 on the rounded inputs up to
+    fp32 summation; on CUDA through ``torch.mm(out_dtype=)`` where torch has it."""
+    g = torch.Generator().manual_seed(8)
+    pu = torch.randn(37, 65, generator=g).to(torch.bfloat16).to(device)
+    qt = torch.randn(65, 301, generator=g).to(torch.bfloat16).to(device)
+    got = F._scores(pu, qt)
+    assert got.dtype == torch.float32 and got.shape == (37, 301)
+    want = pu.double().cpu() @ qt.double().cpu()
+    err = (got.double().cpu() - want).abs()
+    bound = pu.shape[1] * 2.0**-24 * (pu.double().abs().cpu() @ qt.double().abs().cpu())  # fp32 sums
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # bf16-rounded sums would miss by up to 2⁻⁹ of each score
+    assert float(err.max()) < 1e-3 * float(want.abs().mean())
+
+
 def test_tf32_equals_float32_on_cpu():
     rng = np.random.default_rng(4)
     P, Q, bu, bi, mu, seen, mask = make_inputs(rng, 20, 90)
@@ -307,14 +325,18 @@ def test_auto_keeps_the_faster_kernel_once_per_key(monkeypatch, torch_s, fused_s
     monkeypatch.setattr(F, "_CHOICES", {})
     calls = []
 
-    def run_both():
+    def run_tiles():
         calls.append(1)
-        return _result(TIES), _result(fused_scores), torch_s, fused_s
+        return _result(TIES), torch_s
+
+    def run_fused():
+        return _result(fused_scores), fused_s
 
     with warnings.catch_warnings(record=True) as seen_warnings:
         warnings.simplefilter("always")
-        assert F._pick_kernel(("k",), 10, run_both, rel_tol=F.AUTO_TOLERANCE["float32"]) == want
-        assert F._pick_kernel(("k",), 10, run_both, rel_tol=F.AUTO_TOLERANCE["float32"]) == want
+        for _ in range(2):
+            assert F._pick_kernel(("k",), 10, run_tiles, run_fused,
+                                  rel_tol=F.AUTO_TOLERANCE["float32"]) == want
     assert len(calls) == 1  # decided once per key
     assert F.kernel_choices()[("k",)]["kernel"] == want
     disagreed = F.kernel_choices()[("k",)]["reason"] == "fused disagreed"
@@ -324,12 +346,22 @@ def test_auto_keeps_the_faster_kernel_once_per_key(monkeypatch, torch_s, fused_s
 def test_auto_falls_back_to_tiles_when_the_kernel_fails(monkeypatch):
     monkeypatch.setattr(F, "_CHOICES", {})
 
-    def run_both():
+    def run_fused():
         raise RuntimeError("out of resources: shared memory")
 
     with pytest.warns(UserWarning, match="failed its trial"):
-        assert F._pick_kernel(("k",), 10, run_both, rel_tol=1e-5) == "torch"
-    assert F.kernel_choices()[("k",)]["reason"] == "fused failed: RuntimeError"
+        assert F._pick_kernel(("k",), 10, lambda: (_result(TIES), 0.5), run_fused,
+                              rel_tol=1e-5) == "torch"
+    got = F.kernel_choices()[("k",)]
+    assert got["reason"] == "fused failed: RuntimeError" and got["torch_s"] == 0.5
+
+    # an error of the tiles is not the fused kernel's: it propagates, and nothing is decided
+    def run_tiles():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        F._pick_kernel(("k2",), 10, run_tiles, lambda: (_result(TIES), 0.1), rel_tol=1e-5)
+    assert ("k2",) not in F.kernel_choices()
 
 
 def test_auto_trial_through_the_real_dispatch(monkeypatch):
@@ -387,6 +419,9 @@ def test_auto_kernel_on_cuda_decides_and_agrees(cuda, monkeypatch, dtype):
     (key, choice), = F.kernel_choices().items()
     assert key[1:] == (64, 50, dtype or "float32", True)
     assert choice["kernel"] in ("torch", "triton") and choice["reason"], choice
+    # the fused kernel compiled, ran and agreed: a failure or disagreement would fall back
+    # to the tiles and still give the right answer, so only the record shows it
+    assert choice["triton_s"] is not None and not choice["reason"].startswith("fused"), choice
     want_s, _ = F._fill_tiles(P, Q, bu, bi, mu, 50, seen, mode=dtype or "float32")
     fin = torch.isfinite(want_s)
     assert torch.equal(torch.isneginf(got_s), torch.isneginf(want_s))

@@ -79,16 +79,24 @@ def test_fused_steps_equal_the_float64_definition(device, d, U, I, n, block_n, b
 
 
 def test_fused_equals_the_torch_twin_moments_included(device):
+    """Interpreted, the kernels add in the twin's order: equal to rounding. Compiled, the
+    atomic adds come in any order and multiply-adds fuse, and the hot rows' gradient sums
+    nearly cancel, so an ulp of a term moves a small moment by more than 1e-9: there the
+    tolerances follow the float64 tests' (ATOL_VS_FLOAT64) and each moment's own scale."""
     data = batches(23, 11, 120, 3, seed=7, hot=True)
     a, opt_a, _ = run(model(23, 11, 12, seed=1), data, device, lr=0.02, scale=0.01, block_n=16)
     b, opt_b, _ = run(model(23, 11, 12, seed=1), data, torch.device("cpu"), lr=0.02, scale=0.01,
                       fused=False, idx=torch.int64)
+    compiled = device.type == "cuda"
     for k in ("user_factors", "item_factors", "user_bias", "item_bias"):
         pa, pb = getattr(a, k), getattr(b, k)
-        torch.testing.assert_close(pa.detach().cpu(), pb.detach(), rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(pa.detach().cpu(), pb.detach(), rtol=1e-5,
+                                   atol=ATOL_VS_FLOAT64 if compiled else 1e-7, msg=k)
         for s in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt_a.state[pa][s].cpu(), opt_b.state[pb][s], rtol=1e-5,
-                                       atol=1e-9, msg=f"{k}.{s}")
+            want = opt_b.state[pb][s]
+            atol = 1e-4 * float(want.abs().max()) if compiled else 1e-9
+            torch.testing.assert_close(opt_a.state[pa][s].cpu(), want, rtol=1e-5, atol=atol,
+                                       msg=f"{k}.{s}")
 
 
 @pytest.mark.parametrize("d,block_r", [(5, 16), (16, None), (64, 16)])

@@ -31,6 +31,27 @@ def test_mode_follows_the_environment_at_call_time(monkeypatch):
     assert triton_util.triton_mode("cuda") == expected
 
 
+def test_compiled_kernels_need_triton_3_5(monkeypatch):
+    """Compiled tensor atomics return 0 to duplicate threads up to triton 3.4, and the fused
+    fill reads them: an older triton never compiles the kernels (the torch twins run, and
+    the reason says why); its interpreter, which had no such bug, still may."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    assert len(triton_util.triton_version()) == 2 and triton_util.triton_version() >= (3, 0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 4))
+    assert triton_util.triton_mode("cuda") is None
+    assert "older than 3.5" in triton_util.unavailable_reason("cuda")
+    from svdfill.kernels import fill as F
+
+    assert F._triton_impl(torch.device("cuda")) is None  # auto: the tiles, with no trial
+    monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 6))
+    assert triton_util.triton_mode("cuda") == "compiled"
+    monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_util.triton_mode("cuda") == "interpret"
+
+
 def test_next_pow2():
     assert [triton_util.next_pow2(n) for n in (0, 1, 2, 3, 13, 16, 17, 100)] == \
         [1, 1, 2, 4, 16, 16, 32, 128]
