@@ -24,6 +24,15 @@ the same as the full average (measured: ML-1M, d = 32, the truncated SVD at rank
 rank 512 give the same validation RMSE to 1e-4), so :class:`LowRankMean` keeps a running
 rank-r SVD of it (r = 2d by default, exported at d) and the exported model is one ordinary
 biased MF of the configured width: same checkpoint, same fill.
+
+Item-sharded worlds (``GibbsChain(shard_sum=...)``: torchrun, Ray Train): each rank holds
+its items' rows and ratings. The users' conditionals need every rank's ratings, so their
+normal equations are summed across ranks block by block of user ids (as ALS does), and
+every rank draws the same user rows from the same summed systems with the same noise; the
+items are drawn locally with the rank's own noise. The hyperparameters and α come from
+moments and residual sums pooled over the ranks and are drawn from one shared stream, so
+they agree everywhere; the posterior mean's column basis is orthonormalized from the
+pooled Gram matrix instead of a local QR.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 import torch
 
 from svdfill.kernels.als import (DEFAULT_BUDGET_ELEMENTS, chunk_normal_equations, rating_plan,
-                                 side_features)
+                                 side_features, user_blocks)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,22 @@ def row_moments(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
     mean = x64.mean(0)
     c = x64 - mean
     return n, mean.cpu().numpy(), (c.T @ c).cpu().numpy()
+
+
+def pooled_moments(x: torch.Tensor, shard_sum) -> tuple[int, np.ndarray, np.ndarray]:
+    """:func:`row_moments` of the rows of every rank's ``x`` [N_r, d] together: counts, sums
+    and cross products summed by ``shard_sum`` (one float64 tensor of 1 + d + d² numbers)."""
+    d = int(x.shape[1])
+    x64 = x.to(torch.float64)
+    packed = torch.cat([x64.new_tensor([float(x.shape[0])]), x64.sum(0), (x64.T @ x64).reshape(-1)])
+    shard_sum(packed)
+    packed = packed.cpu().numpy()
+    n = int(round(packed[0]))
+    if n == 0:
+        return 0, np.zeros(d), np.zeros((d, d))
+    mean = packed[1:1 + d] / n
+    scatter = packed[1 + d:].reshape(d, d) - n * np.outer(mean, mean)
+    return n, mean, (scatter + scatter.T) / 2
 
 
 def sample_normal_wishart(rng: np.random.Generator, n: int, mean: np.ndarray, scatter: np.ndarray,
@@ -142,61 +167,140 @@ def sample_side(own_f: torch.Tensor, own_b: torch.Tensor, fixed_f: torch.Tensor,
     the ratings' factors. Raises ``FloatingPointError`` when a conditional is not positive
     definite (NaN/inf in the inputs).
     """
-    d = own_f.shape[1]
-    k = d + 1
-    dev, dtype = own_f.device, own_f.dtype
     feats, fbias = side_features(fixed_f, fixed_b)
-    p0 = torch.zeros(k, k, device=dev, dtype=dtype)
-    p0[:d, :d] = prior_prec.to(dev, dtype)
-    p0[d, d] = bias_prec
-    h0 = torch.zeros(k, device=dev, dtype=dtype)
-    h0[:d] = (prior_prec.to(torch.float64) @ prior_mean.to(torch.float64)).to(dev, dtype)
-    fit = torch.zeros((), dtype=torch.float64, device=dev)
+    prior = _prior_terms(own_f, prior_mean, prior_prec, bias_prec)
+    fit = torch.zeros((), dtype=torch.float64, device=own_f.device)
     for ch in side.chunks:
         gram, rhs = chunk_normal_equations(feats, fbias, centered, ch, budget)
-        prec = torch.add(p0, gram, alpha=alpha)
-        h = torch.add(h0[:, None], rhs, alpha=alpha)
-        chol, info = torch.linalg.cholesky_ex(prec)
-        if bool((info != 0).any()):
-            raise FloatingPointError("gibbs: a conditional precision is not positive definite "
-                                     "(NaN/inf in ratings or factors?)")
-        # A = L Lᵀ: mean = L⁻ᵀ(L⁻¹h) and a draw = L⁻ᵀ(L⁻¹h + ε), in one back substitution
-        y = torch.linalg.solve_triangular(chol, h, upper=False)
-        if generator is not None:
-            eps = torch.randn(y.shape, generator=generator, device=dev, dtype=dtype)
-            if overrelax:
-                # Adler's over-relaxation: x' = m + ρ(x − m) + √(1−ρ²) L⁻ᵀε, i.e. in the
-                # whitened frame Lᵀx: ρ·Lᵀx + (1−ρ)·L⁻¹h + √(1−ρ²)·ε (keeps the conditional)
-                old = torch.cat([own_f[ch.rows], own_b[ch.rows, None]], 1).unsqueeze(2)
-                lt_old = torch.bmm(chol.transpose(1, 2), old)
-                eps = overrelax * lt_old - overrelax * y + math.sqrt(1 - overrelax ** 2) * eps
-            y = torch.cat([y + eps, y], dim=2) if mean_f is not None else y + eps
-        x = torch.linalg.solve_triangular(chol.transpose(1, 2), y, upper=True)
-        draw = x[:, :, :1]
-        fit += ((torch.bmm(gram, draw) - 2 * rhs) * draw).sum(dtype=torch.float64)
-        own_f[ch.rows] = x[:, :d, 0]
-        own_b[ch.rows] = x[:, d, 0]
-        if mean_f is not None:
-            mean_f[ch.rows] = x[:, :d, -1]
-            mean_b[ch.rows] = x[:, d, -1]
+        fit += _draw_rows(gram, rhs, ch.rows, own_f, own_b, prior, alpha, generator,
+                          overrelax, mean_f, mean_b)
     if not bool(torch.isfinite(own_f).all()):
         raise FloatingPointError("gibbs: non-finite draw (NaN/inf in ratings or factors?)")
     return float(fit)
 
 
+@torch.no_grad()
+def sample_users_summed(own_f: torch.Tensor, own_b: torch.Tensor, fixed_f: torch.Tensor,
+                        fixed_b: torch.Tensor, centered: torch.Tensor, blocks, shard_sum,
+                        counts: torch.Tensor, *, alpha: float, prior_mean: torch.Tensor,
+                        prior_prec: torch.Tensor, bias_prec: float,
+                        generator: torch.Generator | None, budget: int = DEFAULT_BUDGET_ELEMENTS,
+                        mean_f: torch.Tensor | None = None, mean_b: torch.Tensor | None = None,
+                        overrelax: float = 0.0) -> None:
+    """:func:`sample_side` for the replicated users of an item-sharded world: per block of
+    :func:`~svdfill.kernels.als.user_blocks`, this rank's partial normal equations summed
+    over the ranks by ``shard_sum``, then the draws of the users with ``counts [U] > 0``
+    (global rating counts) — the same on every rank given the same ``generator`` seed."""
+    feats, fbias = side_features(fixed_f, fixed_b)
+    prior = _prior_terms(own_f, prior_mean, prior_prec, bias_prec)
+    k = own_f.shape[1] + 1
+    for lo, hi, side in blocks:
+        gram = own_f.new_zeros(hi - lo, k, k)
+        rhs = own_f.new_zeros(hi - lo, k, 1)
+        for ch in side.chunks:
+            g, r = chunk_normal_equations(feats, fbias, centered, ch, budget)
+            gram.index_add_(0, ch.rows, g)
+            rhs.index_add_(0, ch.rows, r)
+        shard_sum(gram)
+        shard_sum(rhs)
+        rows = torch.nonzero(counts[lo:hi] > 0).squeeze(1)
+        if rows.numel():
+            _draw_rows(gram[rows], rhs[rows], lo + rows, own_f, own_b, prior, alpha, generator,
+                       overrelax, mean_f, mean_b)
+    if not bool(torch.isfinite(own_f).all()):
+        raise FloatingPointError("gibbs: non-finite draw (NaN/inf in ratings or factors?)")
+
+
+def _prior_terms(own_f: torch.Tensor, prior_mean: torch.Tensor, prior_prec: torch.Tensor,
+                 bias_prec: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prior's precision ``blockdiag(Λ, τ)`` [k, k] and ``[Λ m, 0]`` [k] on own_f's device."""
+    d = own_f.shape[1]
+    k = d + 1
+    dev, dtype = own_f.device, own_f.dtype
+    p0 = torch.zeros(k, k, device=dev, dtype=dtype)
+    p0[:d, :d] = prior_prec.to(dev, dtype)
+    p0[d, d] = bias_prec
+    h0 = torch.zeros(k, device=dev, dtype=dtype)
+    h0[:d] = (prior_prec.to(torch.float64) @ prior_mean.to(torch.float64)).to(dev, dtype)
+    return p0, h0
+
+
+def _draw_rows(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax, mean_f,
+               mean_b) -> torch.Tensor:
+    """Draw ``rows`` of ``[own_f, own_b]`` from their conditionals given their normal
+    equations ``gram [B, k, k]``, ``rhs [B, k, 1]``; returns their ``Σ (xᵀGx − 2xᵀr)``
+    (float64, 0-d)."""
+    p0, h0 = prior
+    d = own_f.shape[1]
+    dev, dtype = own_f.device, own_f.dtype
+    prec = torch.add(p0, gram, alpha=alpha)
+    h = torch.add(h0[:, None], rhs, alpha=alpha)
+    chol, info = torch.linalg.cholesky_ex(prec)
+    if bool((info != 0).any()):
+        raise FloatingPointError("gibbs: a conditional precision is not positive definite "
+                                 "(NaN/inf in ratings or factors?)")
+    # A = L Lᵀ: mean = L⁻ᵀ(L⁻¹h) and a draw = L⁻ᵀ(L⁻¹h + ε), in one back substitution
+    y = torch.linalg.solve_triangular(chol, h, upper=False)
+    if generator is not None:
+        eps = torch.randn(y.shape, generator=generator, device=dev, dtype=dtype)
+        if overrelax:
+            # Adler's over-relaxation: x' = m + ρ(x − m) + √(1−ρ²) L⁻ᵀε, i.e. in the
+            # whitened frame Lᵀx: ρ·Lᵀx + (1−ρ)·L⁻¹h + √(1−ρ²)·ε (keeps the conditional)
+            old = torch.cat([own_f[rows], own_b[rows, None]], 1).unsqueeze(2)
+            lt_old = torch.bmm(chol.transpose(1, 2), old)
+            eps = overrelax * lt_old - overrelax * y + math.sqrt(1 - overrelax ** 2) * eps
+        y = torch.cat([y + eps, y], dim=2) if mean_f is not None else y + eps
+    x = torch.linalg.solve_triangular(chol.transpose(1, 2), y, upper=True)
+    draw = x[:, :, :1]
+    fit = ((torch.bmm(gram, draw) - 2 * rhs) * draw).sum(dtype=torch.float64)
+    own_f[rows] = x[:, :d, 0]
+    own_b[rows] = x[:, d, 0]
+    if mean_f is not None:
+        mean_f[rows] = x[:, :d, -1]
+        mean_b[rows] = x[:, d, -1]
+    return fit
+
+
 # -- the running posterior mean as a rank-r SVD ----------------------------------------------------
+
+def pooled_basis(x: torch.Tensor, col_sum) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q_r, R)`` with ``x_r = Q_r R`` on every rank r, the stacked ``Q_r`` orthonormal:
+    the QR of a matrix whose rows are spread over the ranks (``x`` [N_r, m] here), from the
+    eigendecomposition of the pooled float64 Gram ``Σ_r x_rᵀ x_r`` (summed by ``col_sum``,
+    the same on every rank, so every rank picks the same basis). Directions with
+    eigenvalue below 1e-12 of the largest (singular values below 1e-6) are dropped, so
+    ``R`` is [m', m] with m' ≤ m: a rank-deficient x (repeated samples) costs nothing."""
+    x64 = x.to(torch.float64)
+    gram = x64.T @ x64
+    col_sum(gram)
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > max(float(evals.max()), 0.0) * 1e-12
+    if not bool(keep.any()):
+        keep = evals >= evals.max()
+    root = evals[keep].clamp_min(0).sqrt()
+    vk = evecs[:, keep]
+    q = (x64 @ (vk / root.clamp_min(1e-300))).to(x.dtype)
+    return q, (vk * root).T.to(x.dtype)
+
 
 class LowRankMean:
     """Running mean of matrices ``Σ_j A_j B_jᵀ`` (one sample per :meth:`add`), kept as a
     truncated SVD ``U diag(s) Vᵀ`` of rank ≤ ``rank``: ``U [R, r]``, ``V [C, r]`` with
     orthonormal columns, ``s [r]`` descending; float32 on the factors' device. Exact (up to
     rounding) while the total rank stays ≤ ``rank``; beyond, each update keeps the best
-    rank-``rank`` approximation of (old mean + new sample)."""
+    rank-``rank`` approximation of (old mean + new sample).
 
-    def __init__(self, n_rows: int, n_cols: int, rank: int, device, dtype=torch.float32):
+    With ``col_sum`` (an in-place sum over the ranks of an item-sharded world) the columns
+    are this rank's rows of ``V`` and ``B_j`` only, ``n_cols_total`` counts all of them, and
+    the column basis is orthonormalized from the pooled Gram matrix (:func:`pooled_basis`)."""
+
+    def __init__(self, n_rows: int, n_cols: int, rank: int, device, dtype=torch.float32,
+                 col_sum=None, n_cols_total: int | None = None):
         if rank < 1:
             raise ValueError(f"LowRankMean: rank must be >= 1, got {rank}")
-        self.rank = int(min(rank, n_rows, n_cols)) or 1
+        self.col_sum = col_sum
+        total = n_cols if n_cols_total is None else int(n_cols_total)
+        self.rank = int(min(rank, n_rows, total)) or 1
         self.count = 0
         self.u = torch.zeros(n_rows, 0, device=device, dtype=dtype)
         self.s = torch.zeros(0, device=device, dtype=dtype)
@@ -211,7 +315,8 @@ class LowRankMean:
         left = torch.cat([self.u * (self.s * (t / (t + 1)))] + [a * w for a, _ in pairs], dim=1)
         right = torch.cat([self.v] + [b for _, b in pairs], dim=1)
         ql, rl = torch.linalg.qr(left)
-        qr, rr = torch.linalg.qr(right)
+        qr, rr = (torch.linalg.qr(right) if self.col_sum is None
+                  else pooled_basis(right, self.col_sum))
         core = rl @ rr.T
         x, sig, yt = torch.linalg.svd(core)
         r = min(self.rank, sig.shape[0])
@@ -243,6 +348,10 @@ class LowRankMean:
 
 # -- the chain ------------------------------------------------------------------------------------------
 
+ITEM_STATE_KEYS = ("Q", "bi", "sum_bi", "mean.v")
+"""The keys of :meth:`GibbsChain.state` whose rows are items (an item shard's own rows)."""
+
+
 class GibbsChain:
     """The sampler's state for one training run: the current draw ``P [U, d]``, ``Q [I, d]``,
     ``b_u [U]``, ``b_i [I]`` (float32, on ``device``), the noise precision α, and the running
@@ -252,10 +361,21 @@ class GibbsChain:
     with it, hyperparameters on the host from ``numpy.random.default_rng(seed)``), so a chain
     restored with :meth:`load_state` and continued with the same per-sweep seeds equals an
     uninterrupted one.
+
+    On an item shard (``state``'s item tables are this rank's rows): ``shard_sum`` sums a
+    float tensor in place over the ranks, ``user_counts [U]`` are the global rating counts,
+    ``n_items_total`` the catalogue's size and ``rank`` this rank (its item noise stream).
+    Every rank passes the same ``seed`` to :meth:`sweep`. :meth:`state` then holds this
+    rank's rows of :data:`ITEM_STATE_KEYS`.
     """
 
     def __init__(self, state: dict[str, torch.Tensor], *, alpha: float, priors: GibbsPriors,
-                 mean_rank: int, budget: int = DEFAULT_BUDGET_ELEMENTS, overrelax: float = 0.0):
+                 mean_rank: int, budget: int = DEFAULT_BUDGET_ELEMENTS, overrelax: float = 0.0,
+                 shard_sum=None, user_counts: torch.Tensor | None = None,
+                 n_items_total: int | None = None, rank: int = 0):
+        if (shard_sum is None) != (user_counts is None):
+            raise ValueError("GibbsChain: shard_sum and user_counts go together")
+        self.shard_sum, self.rank = shard_sum, int(rank)
         self.overrelax = float(overrelax)
         self.P = state["user_factors"].detach().clone()
         self.Q = state["item_factors"].detach().clone()
@@ -266,7 +386,9 @@ class GibbsChain:
         self.priors = priors
         self.budget = int(budget)
         dev = self.P.device
-        self.mean = LowRankMean(self.P.shape[0], self.Q.shape[0], mean_rank, dev)
+        self.user_counts = None if user_counts is None else user_counts.to(dev)
+        self.mean = LowRankMean(self.P.shape[0], self.Q.shape[0], mean_rank, dev,
+                                col_sum=shard_sum, n_cols_total=n_items_total)
         self.sum_bu = torch.zeros_like(self.bu, dtype=torch.float64)
         self.sum_bi = torch.zeros_like(self.bi, dtype=torch.float64)
 
@@ -291,7 +413,14 @@ class GibbsChain:
         gen.manual_seed(seed)
         mean_p = torch.zeros_like(self.P) if accumulate else None
         mean_bu = torch.zeros_like(self.bu) if accumulate else None
-        self._sample(self.P, self.bu, self.Q, self.bi, centered, plan.user_side, rng, gen, mean_p, mean_bu)
+        if self.shard_sum is None:
+            self._sample(self.P, self.bu, self.Q, self.bi, centered, plan.user_side, rng, gen,
+                         mean_p, mean_bu)
+        else:
+            self._sample_users_sharded(users, items, plan, centered, rng, gen, mean_p, mean_bu)
+            if self.rank:  # the items' noise: one stream per rank (rank 0 goes on with gen's)
+                gen = torch.Generator(device=dev)
+                gen.manual_seed((seed * 1_000_003 + self.rank * 7_919) % (2**63 - 1))
         if accumulate:
             q_prev, bi_prev = self.Q.clone(), self.bi.clone()
             mean_q, mean_bi = torch.zeros_like(self.Q), torch.zeros_like(self.bi)
@@ -304,6 +433,10 @@ class GibbsChain:
         else:
             n = ratings.numel()
             sse = float((centered[:n] - self.bu[users]).double().pow(2).sum()) + fit
+            if self.shard_sum is not None:  # every rank's ratings: one α for all
+                both = torch.tensor([float(n), sse], dtype=torch.float64, device=dev)
+                self.shard_sum(both)
+                n, sse = int(round(float(both[0]))), float(both[1])
             self.alpha = sample_precision(rng, int(n), max(sse, 0.0), self.priors)
         if accumulate:
             self.mean.add([(mean_p, q_prev), (self.P, mean_q)])
@@ -312,14 +445,36 @@ class GibbsChain:
 
     def _sample(self, own_f, own_b, fixed_f, fixed_b, centered, side, rng, gen, mean_f, mean_b) -> float:
         rows = torch.cat([ch.rows for ch in side.chunks]) if side.chunks else own_f.new_zeros(0, dtype=torch.int64)
-        n, m, scatter = row_moments(own_f[rows])
+        if self.shard_sum is None:
+            n, m, scatter = row_moments(own_f[rows])
+            sq = float(own_b[rows].double().pow(2).sum())
+        else:  # this rank's item rows: the hyperparameters see every rank's
+            n, m, scatter = pooled_moments(own_f[rows], self.shard_sum)
+            sq_t = own_b[rows].double().pow(2).sum().reshape(1)
+            self.shard_sum(sq_t)
+            sq = float(sq_t[0])
         prior_mean, prior_prec = sample_normal_wishart(rng, n, m, scatter, self.priors)
-        bias_prec = sample_precision(rng, n, float(own_b[rows].double().pow(2).sum()), self.priors)
+        bias_prec = sample_precision(rng, n, sq, self.priors)
         return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side, alpha=self.alpha,
                            prior_mean=torch.from_numpy(prior_mean),
                            prior_prec=torch.from_numpy(prior_prec), bias_prec=bias_prec,
                            generator=gen, budget=self.budget, mean_f=mean_f, mean_b=mean_b,
                            overrelax=self.overrelax)
+
+    def _sample_users_sharded(self, users, items, plan, centered, rng, gen, mean_p, mean_bu) -> None:
+        """The replicated users' hyperparameters and draws (the same on every rank)."""
+        rows = torch.nonzero(self.user_counts > 0).squeeze(1)
+        n, m, scatter = row_moments(self.P[rows])
+        prior_mean, prior_prec = sample_normal_wishart(rng, n, m, scatter, self.priors)
+        bias_prec = sample_precision(rng, n, float(self.bu[rows].double().pow(2).sum()), self.priors)
+        blocks = user_blocks(plan, users, items, self.P.shape[0], self.P.shape[1] + 1,
+                             self.P.device, self.budget)
+        sample_users_summed(self.P, self.bu, self.Q, self.bi, centered, blocks, self.shard_sum,
+                            self.user_counts, alpha=self.alpha,
+                            prior_mean=torch.from_numpy(prior_mean),
+                            prior_prec=torch.from_numpy(prior_prec), bias_prec=bias_prec,
+                            generator=gen, budget=self.budget, mean_f=mean_p, mean_b=mean_bu,
+                            overrelax=self.overrelax)
 
     def current_state(self) -> dict[str, torch.Tensor]:
         """The current draw as the five model tensors."""

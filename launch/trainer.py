@@ -15,7 +15,8 @@ default single-process ``World()``:
   Adagrad with ``kernel = "fused"``) all-reduce the user side's gradient sums the same way;
 - ALS solves its item shard locally and all-reduces the users' normal equations block by
   block (``kernels.als.als_sweep(user_sum=...)``), so every rank solves the same user
-  systems; the Gibbs sampler runs in one process;
+  systems; the Gibbs sampler does the same for its user draws (one seed for all ranks) and
+  pools the moments behind its hyperparameters (``kernels.gibbs.GibbsChain(shard_sum=...)``);
 - metric sums are all-reduced, so every rank sees the same validation RMSE and takes the
   same early-stopping decision;
 - checkpoints hold full tables (``world.gather_items``) written by the main rank only, so a
@@ -224,10 +225,7 @@ class _Trainer:
             from svdfill.kernels.triton_sgd import fused_sgd_step, fused_sgd_step_split
 
             self.sgd_fn, self.sgd_split_fn = fused_sgd_step, fused_sgd_step_split
-        if self.kind == "gibbs" and world.world_size > 1:
-            raise UserError("train.solver = 'gibbs' runs on one process; use solver = 'als' or "
-                            "'sgd' for distributed training")
-        # ALS at W > 1: the user side's normal equations are summed over the item shards
+        # ALS and Gibbs at W > 1: the users' normal equations are summed over the item shards
         self.user_counts = user_counts
         self.chain = None  # the Gibbs sampler, started by the first sweep or a checkpoint
         n_global = world.all_reduce_sum(torch.tensor([float(len(train))], dtype=torch.float64))
@@ -247,8 +245,10 @@ class _Trainer:
             if self.chain is None:
                 self._start_chain()
             t = self.cfg.train
+            # one seed for every rank: the users' draws and the hyperparameters must agree
+            # (the chain gives each rank its own stream for its items)
             self.chain.sweep(d.users, d.items, d.ratings, accumulate=epoch > t.burn_in,
-                             seed=_phase_seed(t.seed, phase, epoch, self.world.rank))
+                             seed=_phase_seed(t.seed, phase, epoch, 0))
             self.model.load_state_tensors(self.chain.mean_state(self.cfg.model.factors))
             return
         dev = d.ratings.device
@@ -329,9 +329,13 @@ class _Trainer:
             if not t.gibbs_noise_precision and mse > 0:
                 alpha = 1.0 / mse
         priors = GibbsPriors(beta0=t.gibbs_beta0, w0=t.gibbs_w0, noise_precision=t.gibbs_noise_precision)
+        shard = {}
+        if self.world.world_size > 1:
+            shard = {"shard_sum": self.world.all_reduce_sum, "user_counts": self.user_counts,
+                     "n_items_total": self.n_items, "rank": self.world.rank}
         self.chain = GibbsChain(self.model.state_tensors(), alpha=alpha, priors=priors,
                                 mean_rank=t.gibbs_mean_rank or 2 * self.cfg.model.factors,
-                                overrelax=t.gibbs_overrelax)
+                                overrelax=t.gibbs_overrelax, **shard)
         if state is not None:
             self.chain.load_state(state)
 
@@ -342,12 +346,31 @@ class _Trainer:
         return {"noise_sigma": round(self.chain.noise_sigma, 6), "samples": self.chain.samples}
 
     def solver_state(self) -> dict[str, torch.Tensor] | None:
-        """What a resumed run needs beyond the model and the optimizer (the Gibbs chain)."""
-        return None if self.chain is None else {k: v.detach().cpu() for k, v in self.chain.state().items()}
+        """What a resumed run needs beyond the model and the optimizer (the Gibbs chain),
+        with full item tables on the main rank (``None`` elsewhere at W > 1); every rank
+        must call it."""
+        if self.chain is None:
+            return None
+        from svdfill.kernels.gibbs import ITEM_STATE_KEYS
+
+        state = {k: v.detach() for k, v in self.chain.state().items()}
+        if self.world.world_size > 1:
+            # zero-width tables (no sample averaged yet) have nothing to send
+            items = {k: state[k] for k in ITEM_STATE_KEYS if state[k].numel()}
+            full = self.world.gather_items(items, self.n_items)
+            if full is None:
+                return None
+            for k in ITEM_STATE_KEYS:
+                state[k] = full[k] if k in full else state[k].new_zeros(self.n_items, *state[k].shape[1:])
+        return {k: v.cpu() for k, v in state.items()}
 
     def load_solver_state(self, state: dict[str, torch.Tensor] | None) -> None:
         if state is not None and self.kind == "gibbs":
-            self._start_chain({k: v.to(self.world.device) for k, v in state.items()})
+            from svdfill.kernels.gibbs import ITEM_STATE_KEYS
+
+            hi = self.lo + self.model.item_factors.shape[0]
+            self._start_chain({k: (v[self.lo:hi] if k in ITEM_STATE_KEYS else v).to(self.world.device)
+                               for k, v in state.items()})
 
     def _row_step(self, u, i, r, mu: float, scale: float) -> None:
         """One row-sparse optimizer step (kernels.row_optim: SparseAdam's or Adagrad's math)
@@ -571,11 +594,12 @@ def _write_checkpoint(world: World, run_dir: Path, phase: str, epoch: int, tr: _
         if best["state"] is not None:
             bstate, _ = _gather_full(world, best["state"], n_items)
         best_out = {"epoch": best["epoch"], "metrics": best["metrics"], "state": bstate}
+    solver = tr.solver_state()  # a collective at W > 1: before the other ranks return
     if not world.is_main:
         return
     if best_out is not None and best_out["state"] is None and best["state"] is not None:
         best_out = None  # pragma: no cover - gather returned nothing on the main rank
-    obj = {"phase": phase, "epoch": epoch, "model": state, "optimizer": opt, "solver": tr.solver_state(),
+    obj = {"phase": phase, "epoch": epoch, "model": state, "optimizer": opt, "solver": solver,
            "best": best_out, "bad_epochs": bad, "seconds": seconds,
            "history": [dict(r) for r in history],
            "rng": {"scheme": "per-epoch generator seeded by (seed, phase, epoch, rank)",

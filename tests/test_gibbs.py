@@ -269,10 +269,9 @@ def test_mean_state_before_averaging_is_the_current_draw():
     assert math.isfinite(a.noise_sigma)
 
 
-def test_posterior_mean_beats_the_map_fit_on_thin_planted_data():
-    """Planted rank-5 factors, σ = 0.5, ~20 ratings per user: where rows are thin the
-    posterior mean over draws predicts held-out ratings better than the best ALS ridge
-    penalty of a small grid (tuned on the held-out set itself — an unfair advantage)."""
+def _planted_thin():
+    """Planted rank-5 factors, σ = 0.5, 800 users × 300 items, ~20 ratings per user: the
+    training ratings (u, i, y) and an ``rmse(model)`` on the held-out tenth."""
     g = np.random.default_rng(11)
     n_users, n_items, rank, sigma = 800, 300, 5, 0.5
     P = g.normal(0, 0.5, (n_users, rank))
@@ -289,6 +288,15 @@ def test_posterior_mean_beats_the_map_fit_on_thin_planted_data():
 
     def rmse(m):
         return math.sqrt(float(((m.predict(vu, vi).double() - vy) ** 2).mean()))
+
+    return u, i, y, rmse, (n_users, n_items, rank, sigma)
+
+
+def test_posterior_mean_beats_the_map_fit_on_thin_planted_data():
+    """Where rows are thin the posterior mean over draws predicts held-out ratings better
+    than the best ALS ridge penalty of a small grid (tuned on the held-out set itself — an
+    unfair advantage)."""
+    u, i, y, rmse, (n_users, n_items, rank, sigma) = _planted_thin()
 
     als_best = math.inf
     for lam in (0.03, 0.1, 0.3):
@@ -313,3 +321,88 @@ def test_non_finite_inputs_raise():
     bad[3] = float("nan")
     with pytest.raises(FloatingPointError):
         a.sweep(u, i, bad, seed=0, accumulate=False)
+
+
+def test_item_sharded_chain_agrees_across_ranks_and_fits_as_one_process():
+    """Two ranks (threads standing in for an item-sharded world) own items [0, 140) and
+    [140, 300): after every sweep both hold the same user rows and α, bit for bit, and in
+    the end the same posterior-mean user factors; their stacked item factors make a
+    posterior mean that predicts held-out ratings as well as the one-process chain's (other
+    noise, the same distribution) and recovers σ."""
+    import threading
+
+    from svdfill.kernels.gibbs import pooled_basis
+    from test_als import _ThreadSum
+
+    u, i, y, rmse, (n_users, n_items, rank, sigma) = _planted_thin()
+    counts = torch.bincount(u, minlength=n_users)
+    sweeps = 40
+
+    def warm(m, uu, ii, yy, **shard):
+        for _ in range(3):
+            als_sweep(m, uu, ii, yy, reg_factors=0.1, reg_bias=0.05, **shard)
+
+    one = BiasedMF(n_users, n_items, rank, init_std=0.1, global_mean=float(y.mean()), seed=0)
+    full0 = {k: v.clone() for k, v in one.state_tensors().items()}
+    warm(one, u, i, y)
+    chain = GibbsChain(one.state_tensors(), alpha=2.0, priors=GibbsPriors(), mean_rank=2 * rank,
+                       overrelax=-0.9)
+    for s in range(sweeps):
+        chain.sweep(u, i, y, seed=s, accumulate=s >= 3)
+    single = rmse(BiasedMF.from_state(chain.mean_state(rank)))
+
+    shards = [(0, 140), (140, n_items)]
+    summer = _ThreadSum(2)
+    trace: list[list] = [[], []]
+    out: list = [None, None]
+    errors: list[BaseException] = []
+
+    def run(r: int) -> None:
+        lo, hi = shards[r]
+        keep = (i >= lo) & (i < hi)
+        uu, ii, yy = u[keep], i[keep] - lo, y[keep]
+        m = BiasedMF.from_state(dict(full0, item_factors=full0["item_factors"][lo:hi],
+                                     item_bias=full0["item_bias"][lo:hi]), item_offset=lo)
+        try:
+            warm(m, uu, ii, yy, user_sum=summer.of_rank(r), user_counts=counts)
+            c = GibbsChain(m.state_tensors(), alpha=2.0, priors=GibbsPriors(),
+                           mean_rank=2 * rank, overrelax=-0.9, shard_sum=summer.of_rank(r),
+                           user_counts=counts, n_items_total=n_items, rank=r)
+            for s in range(sweeps):
+                c.sweep(uu, ii, yy, seed=s, accumulate=s >= 3)
+                trace[r].append((c.alpha, c.P.clone(), c.bu.clone()))
+            out[r] = c
+        except BaseException as e:  # surfaced below; the other rank's barrier is released
+            errors.append(e)
+            summer.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (a0, p0, b0), (a1, p1, b1) in zip(*trace, strict=True):
+        assert a0 == a1 and torch.equal(p0, p1) and torch.equal(b0, b1)
+    st = [c.mean_state(rank) for c in out]
+    assert torch.equal(st[0]["user_factors"], st[1]["user_factors"])
+    merged = BiasedMF.from_state(dict(st[0], item_factors=torch.cat([x["item_factors"] for x in st]),
+                                      item_bias=torch.cat([x["item_bias"] for x in st])))
+    sharded = rmse(merged)
+    assert abs(sharded - single) < 0.01, (sharded, single)
+    assert abs(out[0].noise_sigma - sigma) < 0.1 * sigma
+    # the pooled basis is an orthonormal basis of the stacked rows, also when they repeat
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:, :1] * 2], 1)  # a dependent column
+    parts = [x[:20], x[20:]]
+    ident = _ThreadSum(1).of_rank(0)
+    q_all, r_all = pooled_basis(x, ident)
+    assert r_all.shape == (4, 5)
+    torch.testing.assert_close(q_all.T @ q_all, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(q_all @ r_all, x)
+    gram_sum = lambda t: t.copy_(parts[0].T @ parts[0] + parts[1].T @ parts[1])  # noqa: E731
+    q0, r0 = pooled_basis(parts[0], gram_sum)
+    q1, _ = pooled_basis(parts[1], gram_sum)
+    torch.testing.assert_close(torch.cat([q0, q1]), q_all)
+    torch.testing.assert_close(q0 @ r0, parts[0])

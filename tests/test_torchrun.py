@@ -164,6 +164,41 @@ def test_als_preset_w2_equals_one_process(tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=k)
 
 
+@pytest.mark.multiprocess
+def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
+    """The Gibbs preset (the ML-100K default) under torchrun W=2: users drawn from normal
+    equations summed over the item shards, the same on both ranks; other random numbers
+    than one process, the same accuracy. A W=2 chain stopped at sweep 10 continues in one
+    process from its checkpoint (full item tables of the chain state) to the same place."""
+    from svdfill import checkpoint as ck
+    from svdfill.config import apply_overrides, load_config
+    from svdfill.launch.trainer import run_training
+
+    ratings = _ml100k()
+    torch.set_num_threads(1)
+    cfg = apply_overrides(load_config("ml-100k"), {"data.path": str(ratings)})
+    s1 = run_training(cfg, tmp_path / "single", quiet=True)
+    torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k", "--ratings", ratings,
+             "--out", tmp_path / "dist", "--quiet")
+    s2 = json.loads((tmp_path / "dist" / ck.SUMMARY_FILE).read_text())
+    assert s2["world_size"] == 2 and s2["epochs_run"] == s1["epochs_run"] == 20
+    assert abs(s2["val_rmse"] - s1["val_rmse"]) <= 0.005, (s1["val_rmse"], s2["val_rmse"])
+
+    half = tmp_path / "half"
+    torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k", "--ratings", ratings,
+             "--out", half, "--epochs", "10", "--quiet")
+    state = ck.load_training_state(half)
+    assert state["world_size"] == 2 and state["solver"]["Q"].shape == (1682, 8)
+    assert state["solver"]["mean.v"].shape[0] == 1682
+    on = tmp_path / "w2_to_w1"
+    on.mkdir()
+    for f in (ck.CHECKPOINT_FILE, ck.CONFIG_FILE, ck.METRICS_FILE):
+        shutil.copy(half / f, on / f)
+    s3 = run_training(cfg, on, resume=True, quiet=True)
+    assert s3["epochs_run"] == 20 and s3["world_size"] == 1
+    assert abs(s3["val_rmse"] - s1["val_rmse"]) <= 0.005, (s1["val_rmse"], s3["val_rmse"])
+
+
 def single_process_fill(model: Path, out: Path, *extra: str) -> None:
     """``svdfill fill`` in this process (the reference output)."""
     import argparse
