@@ -329,34 +329,44 @@ def _solve_users_summed(factors, bias, fixed_factors, fixed_bias, centered,
                         blocks: list[tuple[int, int, _Side]],
                         reg: tuple[float, float, float, float], budget: int,
                         user_sum: Callable[[torch.Tensor], object], counts: torch.Tensor) -> None:
-    """The user side of an item-sharded sweep: per block, this rank's partial normal
-    equations, summed over the ranks by ``user_sum``, regularized with the global
-    ``counts [U]`` and solved (the same systems, hence the same rows, on every rank)."""
+    """The user side of an item-sharded sweep: the summed normal equations of each block
+    (:func:`summed_user_equations`), regularized with the global ``counts [U]`` and solved
+    (the same systems, hence the same rows, on every rank)."""
     d = factors.shape[1]
-    k = d + 1
-    dtype = factors.dtype
     feats, fbias = side_features(fixed_factors, fixed_bias)
     reg_factors, reg_bias, alpha, beta = reg
+    for rows, gram, rhs in summed_user_equations(feats, fbias, centered, blocks, user_sum,
+                                                 counts, budget):
+        n = counts[rows].to(factors.dtype)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
+        diag[:, d] += reg_bias * n.pow(beta)
+        sol = _spd_solve(gram, rhs)[..., 0]
+        factors[rows] = sol[:, :d]
+        bias[rows] = sol[:, d]
+
+
+def summed_user_equations(feats: torch.Tensor, fbias: torch.Tensor, centered: torch.Tensor,
+                          blocks: list[tuple[int, int, _Side]],
+                          user_sum: Callable[[torch.Tensor], object], counts: torch.Tensor,
+                          budget: int):
+    """Yield ``(rows int64 [B], gram [B, k, k], rhs [B, k, 1])`` block by block of
+    :func:`user_blocks`: the unregularized normal equations of the users with
+    ``counts [U] > 0``, this rank's part summed over the ranks by ``user_sum`` (a collective:
+    every rank iterates over every block). Shared by the ALS solves and the Gibbs draws."""
+    k = feats.shape[1]
     for lo, hi, side in blocks:
-        gram = factors.new_zeros(hi - lo, k, k)
-        rhs = factors.new_zeros(hi - lo, k, 1)
+        gram = feats.new_zeros(hi - lo, k, k)
+        rhs = feats.new_zeros(hi - lo, k, 1)
         for ch in side.chunks:
             g, r = chunk_normal_equations(feats, fbias, centered, ch, budget)
             gram.index_add_(0, ch.rows, g)
             rhs.index_add_(0, ch.rows, r)
         user_sum(gram)
         user_sum(rhs)
-        n = counts[lo:hi]
-        rows = torch.nonzero(n > 0).squeeze(1)
-        if rows.numel() == 0:
-            continue
-        gram, rhs, n = gram[rows], rhs[rows], n[rows].to(dtype)
-        diag = gram.diagonal(dim1=1, dim2=2)
-        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
-        diag[:, d] += reg_bias * n.pow(beta)
-        sol = _spd_solve(gram, rhs)[..., 0]
-        factors[lo + rows] = sol[:, :d]
-        bias[lo + rows] = sol[:, d]
+        rows = torch.nonzero(counts[lo:hi] > 0).squeeze(1)
+        if rows.numel():
+            yield lo + rows, gram[rows], rhs[rows]
 
 
 def side_features(fixed_factors: torch.Tensor, fixed_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from svdfill.kernels.als import (DEFAULT_BUDGET_ELEMENTS, chunk_normal_equations, rating_plan,
-                                 side_features, user_blocks)
+                                 side_features, summed_user_equations, user_blocks)
 
 
 @dataclass(frozen=True)
@@ -193,20 +193,10 @@ def sample_users_summed(own_f: torch.Tensor, own_b: torch.Tensor, fixed_f: torch
     (global rating counts) — the same on every rank given the same ``generator`` seed."""
     feats, fbias = side_features(fixed_f, fixed_b)
     prior = _prior_terms(own_f, prior_mean, prior_prec, bias_prec)
-    k = own_f.shape[1] + 1
-    for lo, hi, side in blocks:
-        gram = own_f.new_zeros(hi - lo, k, k)
-        rhs = own_f.new_zeros(hi - lo, k, 1)
-        for ch in side.chunks:
-            g, r = chunk_normal_equations(feats, fbias, centered, ch, budget)
-            gram.index_add_(0, ch.rows, g)
-            rhs.index_add_(0, ch.rows, r)
-        shard_sum(gram)
-        shard_sum(rhs)
-        rows = torch.nonzero(counts[lo:hi] > 0).squeeze(1)
-        if rows.numel():
-            _draw_rows(gram[rows], rhs[rows], lo + rows, own_f, own_b, prior, alpha, generator,
-                       overrelax, mean_f, mean_b)
+    for rows, gram, rhs in summed_user_equations(feats, fbias, centered, blocks, shard_sum,
+                                                 counts, budget):
+        _draw_rows(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax, mean_f,
+                   mean_b)
     if not bool(torch.isfinite(own_f).all()):
         raise FloatingPointError("gibbs: non-finite draw (NaN/inf in ratings or factors?)")
 
