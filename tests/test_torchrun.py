@@ -169,7 +169,8 @@ def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
     """The Gibbs preset (the ML-100K default) under torchrun W=2: users drawn from normal
     equations summed over the item shards, the same on both ranks; other random numbers
     than one process, the same accuracy. A W=2 chain stopped at sweep 10 continues in one
-    process from its checkpoint (full item tables of the chain state) to the same place."""
+    process from its checkpoint (full item tables of the chain state) to the same place, and
+    a one-process chain continues under W=2."""
     from svdfill import checkpoint as ck
     from svdfill.config import apply_overrides, load_config
     from svdfill.launch.trainer import run_training
@@ -197,6 +198,22 @@ def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
     s3 = run_training(cfg, on, resume=True, quiet=True)
     assert s3["epochs_run"] == 20 and s3["world_size"] == 1
     assert abs(s3["val_rmse"] - s1["val_rmse"]) <= 0.005, (s1["val_rmse"], s3["val_rmse"])
+    # and the other way: one process to sweep 10, then torchrun W=2 from its checkpoint
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.launch.trainer import fit
+
+    back = tmp_path / "w1_to_w2"
+    train, val = split(load_dataset(cfg.data)[0], how=cfg.data.split,
+                       fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    ck.save_config_echo(back, cfg)
+    fit(apply_overrides(cfg, {"train.epochs": 10}), train, val, run_dir=back, quiet=True)
+    assert not (back / ck.MODEL_FILE).exists() and ck.load_training_state(back)["solver"]
+    torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k", "--ratings", ratings,
+             "--out", back, "--resume", "--quiet")
+    s4 = json.loads((back / ck.SUMMARY_FILE).read_text())
+    assert s4["epochs_run"] == 20 and s4["world_size"] == 2
+    assert abs(s4["val_rmse"] - s1["val_rmse"]) <= 0.005, (s1["val_rmse"], s4["val_rmse"])
 
 
 def single_process_fill(model: Path, out: Path, *extra: str) -> None:
