@@ -82,6 +82,7 @@ if [[ " $ENGINES " == *" ray "* ]]; then
     && phase ray fill $PY -m svdfill.launch.ray_job fill --model "$R" --out "$R/recs.parquet" \
       --device "$DEVICE" $GPU_FLAG --num-actors 1 --quiet
     report ray "$R" "$T0"
+    rm -rf "$R"
     $PY -m ray.scripts.scripts stop --force > /dev/null 2>&1
     rm -f /tmp/ray/ray_current_cluster
   else
