@@ -310,19 +310,26 @@ def _solve_side(factors, bias, fixed_factors, fixed_bias, centered, side: _Side,
                 reg: tuple[float, float, float, float], budget: int) -> None:
     """Overwrite ``factors [R, d]``/``bias [R]`` of the side's rows with their ridge solutions
     given ``fixed_factors [C, d]``/``fixed_bias [C]``; ``centered [n+1]`` = ratings − μ, 0."""
-    d = factors.shape[1]
-    dtype = factors.dtype
     feats, fbias = side_features(fixed_factors, fixed_bias)
-    reg_factors, reg_bias, alpha, beta = reg
     for ch in side.chunks:
         gram, rhs = chunk_normal_equations(feats, fbias, centered, ch, budget)
-        n = ch.weight.to(dtype)
-        diag = gram.diagonal(dim1=1, dim2=2)
-        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
-        diag[:, d] += reg_bias * n.pow(beta)
-        sol = _spd_solve(gram, rhs)[..., 0]
-        factors[ch.rows] = sol[:, :d]
-        bias[ch.rows] = sol[:, d]
+        _solve_rows(factors, bias, ch.rows, gram, rhs, ch.weight, reg)
+
+
+def _solve_rows(factors, bias, rows: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
+                n: torch.Tensor, reg: tuple[float, float, float, float]) -> None:
+    """Overwrite ``rows`` of ``factors``/``bias`` with the solutions of their normal
+    equations ``gram [B, k, k]``, ``rhs [B, k, 1]`` (``gram`` changed in place) under the
+    penalties of rows with ``n [B]`` ratings."""
+    d = factors.shape[1]
+    reg_factors, reg_bias, alpha, beta = reg
+    n = n.to(factors.dtype)
+    diag = gram.diagonal(dim1=1, dim2=2)
+    diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
+    diag[:, d] += reg_bias * n.pow(beta)
+    sol = _spd_solve(gram, rhs)[..., 0]
+    factors[rows] = sol[:, :d]
+    bias[rows] = sol[:, d]
 
 
 def _solve_users_summed(factors, bias, fixed_factors, fixed_bias, centered,
@@ -332,18 +339,10 @@ def _solve_users_summed(factors, bias, fixed_factors, fixed_bias, centered,
     """The user side of an item-sharded sweep: the summed normal equations of each block
     (:func:`summed_user_equations`), regularized with the global ``counts [U]`` and solved
     (the same systems, hence the same rows, on every rank)."""
-    d = factors.shape[1]
     feats, fbias = side_features(fixed_factors, fixed_bias)
-    reg_factors, reg_bias, alpha, beta = reg
     for rows, gram, rhs in summed_user_equations(feats, fbias, centered, blocks, user_sum,
                                                  counts, budget):
-        n = counts[rows].to(factors.dtype)
-        diag = gram.diagonal(dim1=1, dim2=2)
-        diag[:, :d] += (reg_factors * n.pow(alpha))[:, None]
-        diag[:, d] += reg_bias * n.pow(beta)
-        sol = _spd_solve(gram, rhs)[..., 0]
-        factors[rows] = sol[:, :d]
-        bias[rows] = sol[:, d]
+        _solve_rows(factors, bias, rows, gram, rhs, counts[rows], reg)
 
 
 def summed_user_equations(feats: torch.Tensor, fbias: torch.Tensor, centered: torch.Tensor,

@@ -443,28 +443,29 @@ class GibbsChain:
             sq_t = own_b[rows].double().pow(2).sum().reshape(1)
             self.shard_sum(sq_t)
             sq = float(sq_t[0])
-        prior_mean, prior_prec = sample_normal_wishart(rng, n, m, scatter, self.priors)
-        bias_prec = sample_precision(rng, n, sq, self.priors)
-        return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side, alpha=self.alpha,
-                           prior_mean=torch.from_numpy(prior_mean),
-                           prior_prec=torch.from_numpy(prior_prec), bias_prec=bias_prec,
-                           generator=gen, budget=self.budget, mean_f=mean_f, mean_b=mean_b,
-                           overrelax=self.overrelax)
+        return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side,
+                           **self._conditional_args(rng, n, m, scatter, sq, gen, mean_f, mean_b))
 
     def _sample_users_sharded(self, users, items, plan, centered, rng, gen, mean_p, mean_bu) -> None:
         """The replicated users' hyperparameters and draws (the same on every rank)."""
         rows = torch.nonzero(self.user_counts > 0).squeeze(1)
         n, m, scatter = row_moments(self.P[rows])
-        prior_mean, prior_prec = sample_normal_wishart(rng, n, m, scatter, self.priors)
-        bias_prec = sample_precision(rng, n, float(self.bu[rows].double().pow(2).sum()), self.priors)
+        sq = float(self.bu[rows].double().pow(2).sum())
         blocks = user_blocks(plan, users, items, self.P.shape[0], self.P.shape[1] + 1,
                              self.P.device, self.budget)
         sample_users_summed(self.P, self.bu, self.Q, self.bi, centered, blocks, self.shard_sum,
-                            self.user_counts, alpha=self.alpha,
-                            prior_mean=torch.from_numpy(prior_mean),
-                            prior_prec=torch.from_numpy(prior_prec), bias_prec=bias_prec,
-                            generator=gen, budget=self.budget, mean_f=mean_p, mean_b=mean_bu,
-                            overrelax=self.overrelax)
+                            self.user_counts,
+                            **self._conditional_args(rng, n, m, scatter, sq, gen, mean_p, mean_bu))
+
+    def _conditional_args(self, rng, n, mean, scatter, bias_sq, gen, mean_f, mean_b) -> dict:
+        """One side's hyperparameters drawn from its rows' moments (``n``, ``mean``,
+        ``scatter``, bias sum of squares ``bias_sq``), with the rest of what its draws take."""
+        prior_mean, prior_prec = sample_normal_wishart(rng, n, mean, scatter, self.priors)
+        bias_prec = sample_precision(rng, n, bias_sq, self.priors)
+        return {"alpha": self.alpha, "prior_mean": torch.from_numpy(prior_mean),
+                "prior_prec": torch.from_numpy(prior_prec), "bias_prec": bias_prec,
+                "generator": gen, "budget": self.budget, "mean_f": mean_f, "mean_b": mean_b,
+                "overrelax": self.overrelax}
 
     def current_state(self) -> dict[str, torch.Tensor]:
         """The current draw as the five model tensors."""

@@ -369,8 +369,7 @@ class _Trainer:
             from svdfill.kernels.gibbs import ITEM_STATE_KEYS
 
             hi = self.lo + self.model.item_factors.shape[0]
-            self._start_chain({k: (v[self.lo:hi] if k in ITEM_STATE_KEYS else v).to(self.world.device)
-                               for k, v in state.items()})
+            self._start_chain(_slice_state(state, self.lo, hi, self.world.device, ITEM_STATE_KEYS))
 
     def _row_step(self, u, i, r, mu: float, scale: float) -> None:
         """One row-sparse optimizer step (kernels.row_optim: SparseAdam's or Adagrad's math)
@@ -475,8 +474,10 @@ def _gather_full(world: World, local: dict[str, torch.Tensor], n_items: int,
     return state, opt
 
 
-def _slice_state(state: dict[str, torch.Tensor], lo: int, hi: int, device) -> dict[str, torch.Tensor]:
-    return {k: (v[lo:hi] if k in ITEM_PARAMS else v).to(device) for k, v in state.items()}
+def _slice_state(state: dict[str, torch.Tensor], lo: int, hi: int, device,
+                 item_keys=ITEM_PARAMS) -> dict[str, torch.Tensor]:
+    """``state`` on ``device`` with the rows ``[lo, hi)`` of its ``item_keys`` tables."""
+    return {k: (v[lo:hi] if k in item_keys else v).to(device) for k, v in state.items()}
 
 
 def _counts(world: World, r: Ratings, n_users: int, n_items_local: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
