@@ -220,6 +220,11 @@ class ResumableParquetWriter:
                 f"parameters exists (differs in: {', '.join(diff)}); rerun the original command "
                 f"to resume it, or add --restart to discard it")
 
+    def finished_blocks(self) -> int:
+        """How many blocks (from the first) have their resume part on disk: where a rerun of
+        the same export starts."""
+        return self._count_parts() if self.partial.is_dir() else 0
+
     def _count_parts(self) -> int:
         b = 0
         while b < self.n_blocks and self._part(b).exists():

@@ -170,9 +170,11 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
     from tqdm import tqdm
 
     import svdfill
-    from svdfill.data.export import (ResumableParquetWriter, RawIds, check_disk_space, full_schema,
-                                     full_table, ipc_bytes, parquet_bytes, topk_schema, topk_table)
+    from svdfill.data.export import (ExportError, ResumableParquetWriter, RawIds, check_disk_space,
+                                     full_schema, full_table, ipc_bytes, parquet_bytes, topk_schema,
+                                     topk_table)
     from svdfill.kernels.fill import DEFAULT_CPU_BUDGET, csr_slice, csr_take, fill_topk, score_dense
+    from svdfill.launch.errors import os_error_message
 
     t0 = time.perf_counter()
     device = torch.device(device or "cpu")
@@ -280,12 +282,17 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
             pending.result()
             bar.update(1)
         path = writer.finish()
-    except BaseException:
+    except BaseException as e:
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):
                 pending.result()  # never two writes at once: let the one running end first
         writer.abort()
+        if isinstance(e, OSError):  # disk full, folder removed…: say what survives
+            done = writer.finished_blocks()
+            kept = (f"{done} of {n_blocks} blocks are finished and kept in {writer.partial}; rerun "
+                    f"the same command to resume" if writer.partial.is_dir() else "nothing was written")
+            raise ExportError(f"{out}: writing the export failed ({os_error_message(e)}); {kept}") from e
         raise
     finally:
         pool.shutdown(wait=True)

@@ -14,6 +14,15 @@ class UserError(Exception):
     """
 
 
+def os_error_message(e: OSError) -> str:
+    """``PATH: reason`` for an OSError that names its file (``[Errno 2] … 'PATH'`` reads as
+    noise to a user), else the error's own text."""
+    if e.filename is None:
+        return str(e)
+    where = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{where}: {e.strerror or type(e).__name__}"
+
+
 def run_reporting_errors(fn: Callable[[], int | None]) -> int:
     from svdfill.config import ConfigError
 
@@ -23,8 +32,11 @@ def run_reporting_errors(fn: Callable[[], int | None]) -> int:
         DataError = UserError  # type: ignore[misc,assignment]
     try:
         rc = fn()
-    except (UserError, ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, ConfigError, DataError) as e:
         print(f"svdfill: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written: which one and why, no traceback
+        print(f"svdfill: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdfill: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 
 from svdfill.checkpoint import load_model, save_model, save_seen
 from svdfill.config import Config
-from svdfill.data.export import read_export_metadata
+from svdfill.data.export import ExportError, read_export_metadata
 from svdfill.data.idmap import IdMap
 from svdfill.launch import cmd_fill
 from svdfill.launch.errors import run_reporting_errors
@@ -214,7 +214,7 @@ def test_a_write_failure_on_the_writer_thread_stops_the_export_and_resumes(tmp_p
 
     monkeypatch.setattr(ResumableParquetWriter, "write_block", disk_full_at_2)
     out = tmp_path / "recs.parquet"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ExportError, match="No space left.*2 of 9 blocks are finished.*rerun the same command"):
         cmd_fill.main(parse(*args, "--out", str(out)))
     partial = tmp_path / ".recs.parquet.partial"
     assert not out.exists()
@@ -222,6 +222,57 @@ def test_a_write_failure_on_the_writer_thread_stops_the_export_and_resumes(tmp_p
     monkeypatch.setattr(ResumableParquetWriter, "write_block", real)
     assert fill(*args, "--out", str(out)) == 0
     assert out.read_bytes() == clean.read_bytes() and not partial.exists()
+
+
+def _file_size_limit(limit: int):
+    """For a child process: writes past ``limit`` bytes fail with EFBIG (File too large), as
+    on a full disk, instead of killing it with SIGXFSZ."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE/SIGXFSZ as on Linux")
+def test_a_real_write_error_is_one_clear_line_and_the_rerun_resumes(tmp_path):
+    """The OS refuses a write (the file size limit, set below the finished file's size, so
+    the Parquet file cannot be completed — what a full disk does): exit code 2, one line
+    naming the output, the OS reason and what survives; no traceback, no output file; the
+    same command without the limit then finishes from the kept blocks, byte-identical."""
+    run = make_run(tmp_path, n_users=200, n_items=100)
+    args = ["--model", str(run), "--full", "--user-block", "5", "--quiet"]
+    clean = tmp_path / "clean.parquet"
+    assert fill(*args, "--out", str(clean)) == 0
+    out = tmp_path / "recs.parquet"
+    cmd = [sys.executable, "-c", KILL_SCRIPT, *args, "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       preexec_fn=_file_size_limit(clean.stat().st_size * 6 // 10))
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"svdfill: error: {out}: writing the export failed") and "File too large" in err, err
+    assert "of 40 blocks are finished and kept in" in err and "rerun the same command to resume" in err, err
+    partial = tmp_path / ".recs.parquet.partial"
+    assert not out.exists() and len(list(partial.glob("block-*.arrow"))) >= 1
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == clean.read_bytes() and not partial.exists()
+
+
+def test_unwritable_paths_name_the_path_without_errno_noise(tmp_path, capsys):
+    from svdfill.launch.errors import os_error_message
+
+    missing = tmp_path / "nowhere" / "x"
+    try:
+        open(missing)
+    except OSError as e:
+        assert os_error_message(e) == f"{missing}: No such file or directory"
+    assert run_reporting_errors(lambda: open(missing)) == 2
+    assert capsys.readouterr().err.strip() == f"svdfill: error: {missing}: No such file or directory"
 
 
 def test_resume_with_other_parameters_is_refused_then_restart(tmp_path, capsys):

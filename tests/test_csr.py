@@ -85,3 +85,14 @@ def test_cuda_csr_pair_equals_cpu(cuda):
     want = build_csr_pair(ua, ia, ub, ib, 301)
     got = build_csr_pair(torch.tensor(ua, device=cuda), ia, ub, torch.tensor(ib, device=cuda), 301, device=cuda)
     assert got[0][0].device.type == "cpu" and _same(got[0], want[0]) and _same(got[1], want[1])
+
+
+def test_keys_that_overflow_int64_are_refused():
+    """Keys pack user << item-bits | item (plus a tag bit for the pair): ids too wide for
+    one int64 are an error, not silently wrapped rows."""
+    with pytest.raises(ValueError, match="do not fit one int64 key"):
+        build_csr(np.array([2**40]), np.array([2**30]), 2**40 + 1)
+    with pytest.raises(ValueError, match="do not fit one int64 key"):
+        build_csr_pair(np.array([0]), np.array([0]), np.array([2**33]), np.array([2**29]), 2**33 + 1)
+    indptr, indices = build_csr(np.array([3]), np.array([2**31 - 1]), 4)
+    assert indptr.tolist() == [0, 0, 0, 0, 1] and indices.tolist() == [2**31 - 1]

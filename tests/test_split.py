@@ -35,6 +35,63 @@ def test_partition_and_determinism(how):
     assert (train.n_users, train.n_items) == (r.n_users, r.n_items)
 
 
+@pytest.mark.parametrize("n,m", [(6, 2), (6, 4), (7, 1), (7, 6), (5, 0), (5, 5)])
+def test_large_split_sample_is_uniform_over_subsets_of_its_size(n, m):
+    """The large-data hold-out draw: always exactly m, and every m-subset about equally
+    often (chi-square over the C(n, m) subsets, with a wide margin)."""
+    from itertools import combinations
+    from math import comb
+
+    from svdfill.data.split import _exact_size_sample
+
+    runs = 1000 * comb(n, m)
+    seen = {c: 0 for c in combinations(range(n), m)}
+    rng = np.random.default_rng(n * 10 + m)
+    for _ in range(runs):
+        v = _exact_size_sample(n, m, rng)
+        seen[tuple(np.flatnonzero(v).tolist())] += 1  # KeyError if the size were wrong
+    df = len(seen) - 1
+    expect = runs / len(seen)
+    chi2 = sum((c - expect) ** 2 / expect for c in seen.values())
+    assert chi2 <= df + 6 * (2 * df) ** 0.5 + 1, (chi2, df)
+
+
+def test_large_split_sample_marginals_on_both_correction_sides():
+    """n = 64, m = 3: the Bernoulli draw overshoots or undershoots; the surplus comes off the
+    sparse side (listed) or goes onto the dense side (rejection draws). Either way each
+    index is held out with probability m/n."""
+    from svdfill.data.split import _exact_size_sample
+
+    n, m, runs = 64, 3, 8000
+    hits = np.zeros(n)
+    rng = np.random.default_rng(0)
+    for _ in range(runs):
+        v = _exact_size_sample(n, m, rng)
+        assert int(v.sum()) == m
+        hits += v
+    expect = runs * m / n
+    chi2 = float(((hits - expect) ** 2 / expect).sum())
+    assert chi2 <= 63 + 6 * (2 * 63) ** 0.5, chi2
+
+
+def test_large_data_split_keeps_the_contract(monkeypatch):
+    """Above LARGE_SPLIT ratings the random split takes the fast draw: still sorted,
+    disjoint, exactly round(fraction·n), seeded; the small data's split is untouched."""
+    import svdfill.data.split as split_mod
+
+    r = make(n=5000)
+    small = split_indices(r, fraction=0.1, seed=2)
+    monkeypatch.setattr(split_mod, "LARGE_SPLIT", 1000)
+    tr, va = split_indices(r, fraction=0.1, seed=2)
+    assert len(va) == 500 and torch.equal(torch.sort(torch.cat([tr, va])).values, torch.arange(5000))
+    assert bool((va[1:] > va[:-1]).all())
+    assert torch.equal(va, split_indices(r, fraction=0.1, seed=2)[1])
+    assert not torch.equal(va, split_indices(r, fraction=0.1, seed=3)[1])
+    assert not torch.equal(va, small[1])
+    monkeypatch.undo()
+    assert torch.equal(split_indices(r, fraction=0.1, seed=2)[1], small[1])
+
+
 def test_random_fraction_is_exact_and_zero_fraction():
     r = make(n=1000)
     assert len(split(r, fraction=0.1, seed=0)[1]) == 100
