@@ -96,3 +96,25 @@ def test_keys_that_overflow_int64_are_refused():
         build_csr_pair(np.array([0]), np.array([0]), np.array([2**33]), np.array([2**29]), 2**33 + 1)
     indptr, indices = build_csr(np.array([3]), np.array([2**31 - 1]), 4)
     assert indptr.tolist() == [0, 0, 0, 0, 1] and indices.tolist() == [2**31 - 1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_inputs_in_user_order_take_the_merge_path_with_the_same_result(seed):
+    """Ratings grouped by user in id order (MovieLens-1M's file, the synthetic generator,
+    either one's train/val split) are sorted runs, merged instead of sorted: the CSRs equal
+    those of the same pairs shuffled, repeats included."""
+    rng = np.random.default_rng(300 + seed)
+    n_users, n_items = int(rng.integers(1, 40)), int(rng.integers(1, 25))
+
+    def sorted_pairs(n):
+        u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+        o = np.lexsort((i, u))
+        return u[o], i[o]
+    ua, ia = sorted_pairs([0, 1, 200, 500][seed])
+    ub, ib = sorted_pairs([30, 0, 50, 500][seed])
+    pa, pb = rng.permutation(ua.size), rng.permutation(ub.size)
+    assert _same(build_csr(ua, ia, n_users), build_csr(ua[pa], ia[pa], n_users))
+    got = build_csr_pair(ua, ia, ub, ib, n_users)
+    want = build_csr_pair(ua[pa], ia[pa], ub[pb], ib[pb], n_users)
+    assert _same(got[0], want[0]) and _same(got[1], want[1])
+    assert _same(got[1], build_csr(np.concatenate([ua, ub]), np.concatenate([ia, ib]), n_users))
