@@ -118,8 +118,10 @@ def read_raw(data_cfg: Any) -> RawRatings:
 
     lo, hi = float(data_cfg.scale_min), float(data_cfg.scale_max)
     scale: Any = "auto" if math.isnan(lo) and math.isnan(hi) else (lo, hi)
+    from svdfill.data.sources import is_uri
+
     return read_ratings(
-        resolve_data_path(data_cfg.path),
+        data_cfg.path if is_uri(data_cfg.path) else resolve_data_path(data_cfg.path),
         format=data_cfg.format,
         sep=data_cfg.sep,
         user_col=data_cfg.user_col,

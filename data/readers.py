@@ -32,7 +32,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -41,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from svdfill.data.errors import DataError, show, where
+from svdfill.data.sources import Part, resolve
 
 FORMATS = ("auto", "ml-100k", "ml-dat", "csv", "plain", "parquet")
 DEDUPE = ("error", "last", "mean")
@@ -119,39 +119,81 @@ def read_ratings(
     dedupe: duplicate (user, item) pairs → ``"error"`` (names both lines), ``"last"`` (keep
     the last) or ``"mean"`` (average them, kept at the first occurrence's position).
     """
-    path = Path(path)
+    shown = str(path)
     if format not in FORMATS:
-        raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+        raise DataError(f"{shown}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if dedupe not in DEDUPE:
-        raise DataError(f"{path}: unknown dedupe policy {dedupe!r}; expected one of {', '.join(DEDUPE)}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a ratings file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (no ratings)")
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if format == "auto":
-        format, sniffed = _detect_format(path, head)
-        sep = sep or sniffed
-    if format == "parquet":
-        cols = _read_parquet(path, user_col, item_col, rating_col)
-        fmt_scale = None
-    else:
-        layout = _text_layout(path, head, format, sep, user_col, item_col, rating_col)
-        cols = _read_text(path, layout)
-        fmt_scale = layout.scale
-    users, items, ratings, locate = cols
+        raise DataError(f"{shown}: unknown dedupe policy {dedupe!r}; expected one of {', '.join(DEDUPE)}")
+    parts = resolve(path)
+    source = parts[0].display if len(parts) == 1 else _redacted(shown)
+    if len(parts) > 1:
+        # a dataset may hold empty part files (Spark writes them for empty partitions)
+        parts = [p for p in parts if p.size > 0] or parts[:1]
+    read = [_read_part(p, format, sep, user_col, item_col, rating_col) for p in parts]
+    formats = {r[0] for r in read}
+    if len(formats) > 1:
+        a = next(r for r in read if r[0] == read[0][0])
+        b = next(r for r in read if r[0] != read[0][0])
+        raise DataError(f"{source}: mixes formats: {a[1]} is {a[0]} but {b[1]} is {b[0]}; "
+                        "point data.path at one kind of file")
+    users, items, ratings, locate = _concat([r[2] for r in read])
+    fmt_scale = read[0][3]
     if isinstance(scale, str):
         if scale != "auto":
-            raise DataError(f"{path}: scale must be (lo, hi), None or 'auto', got {scale!r}")
+            raise DataError(f"{source}: scale must be (lo, hi), None or 'auto', got {scale!r}")
         scale = fmt_scale
     if len(ratings) == 0:
-        raise DataError(f"{path}: no ratings (the file holds no data rows)")
-    _check_values(path, ratings, scale, locate)
-    raw = RawRatings(users, items, ratings.astype(np.float32), source=str(path))
-    return _dedupe(path, raw, dedupe, locate)
+        raise DataError(f"{source}: no ratings (the file holds no data rows)")
+    _check_values(source, ratings, scale, locate)
+    raw = RawRatings(users, items, ratings.astype(np.float32), source=source)
+    return _dedupe(source, raw, dedupe, locate)
+
+
+def _redacted(text: str) -> str:
+    return text.split("?", 1)[0]
+
+
+def _read_part(part: Part, format: str, sep: str, user_col: str, item_col: str, rating_col: str):
+    """(format, display, (users, items, ratings float64, locate), the format's scale) of one
+    part file."""
+    if part.size == 0:
+        raise DataError(f"{part.display}: empty file (no ratings)")
+    head = part.read_head()
+    if format == "auto":
+        format, sniffed = _detect_format(part, head)
+        sep = sep or sniffed
+    if format == "parquet":
+        return format, part.display, _read_parquet(part, user_col, item_col, rating_col), None
+    layout = _text_layout(part.display, head, format, sep, user_col, item_col, rating_col)
+    return format, part.display, _read_text(part, layout), layout.scale
+
+
+def _concat(cols: list[tuple]) -> tuple:
+    """One (users, items, ratings, locate) from the parts' in file order; ``locate`` maps a
+    row of the whole to its part's file and line."""
+    if len(cols) == 1:
+        return cols[0]
+
+    def ids(arrays: list[np.ndarray]) -> np.ndarray:
+        if all(a.dtype == np.int64 for a in arrays):
+            return np.concatenate(arrays)
+        # one part with text ids makes every id text: 7 in one part is "7" in another
+        return np.concatenate([a if a.dtype == object else a.astype(str).astype(object)
+                               for a in arrays])
+
+    users = ids([c[0] for c in cols])
+    items = ids([c[1] for c in cols])
+    ratings = np.concatenate([c[2] for c in cols])
+    starts = np.cumsum([0] + [len(c[2]) for c in cols])
+
+    def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
+        out = []
+        for r in rows:
+            j = int(np.searchsorted(starts, int(r), side="right")) - 1
+            out.extend(cols[j][3]([int(r) - int(starts[j])]))
+        return out
+
+    return users, items, ratings, locate
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,9 +208,10 @@ def _first_line(head: bytes) -> tuple[int, str]:
     return 0, ""
 
 
-def _detect_format(path: Path, head: bytes) -> tuple[str, str]:
-    """(format, separator) from the file name and first line ("" = the format's own)."""
-    name = path.name.lower()
+def _detect_format(part: Part, head: bytes) -> tuple[str, str]:
+    """(format, separator) from the file name (less a compression suffix) and first line
+    ("" = the format's own)."""
+    name = part.name.lower()
     if name.endswith(_PARQUET_SUFFIXES) or head.startswith(b"PAR1"):
         return "parquet", ""
     if _ML100K_NAME.match(name):
@@ -218,7 +261,7 @@ class _Layout:
     header_line: int = 0  # 1-based line of the header (0 = none)
 
 
-def _text_layout(path: Path, head: bytes, format: str, sep: str, user_col: str, item_col: str,
+def _text_layout(path: str, head: bytes, format: str, sep: str, user_col: str, item_col: str,
                  rating_col: str) -> _Layout:
     lineno, line = _first_line(head)
     if not line:
@@ -251,7 +294,7 @@ def _text_layout(path: Path, head: bytes, format: str, sep: str, user_col: str, 
     return _Layout(format, sep, False, names, ("user", "item", "rating"), len(fields), scale)
 
 
-def _csv_layout(path: Path, lineno: int, line: str, fields: list[str], sep: str, user_col: str,
+def _csv_layout(path: str, lineno: int, line: str, fields: list[str], sep: str, user_col: str,
                 item_col: str, rating_col: str) -> _Layout:
     names = [f.strip() for f in fields]
     if len(set(names)) != len(names):
@@ -293,7 +336,7 @@ def _wrong_sep_hint(line: str, sep: str) -> str:
     return ""
 
 
-def _raise_separator(path: Path, lineno: int, line: str, sep: str, format: str) -> None:
+def _raise_separator(path: str, lineno: int, line: str, sep: str, format: str) -> None:
     others = [s for s in _SEPARATORS if s != sep and s in line]
     if others:
         raise DataError(
@@ -304,17 +347,20 @@ def _raise_separator(path: Path, lineno: int, line: str, sep: str, format: str) 
                     f"found one field: {show(line)}")
 
 
-def _read_text(path: Path, layout: _Layout):
+def _read_text(part: Part, layout: _Layout):
+    path = part.display
     sep = layout.sep
     if len(sep) > 1:
-        data = path.read_bytes()
+        data = part.read_all()
         if _TRANSLATED_SEP.encode() in data:
             raise DataError(f"{path}: holds the control character \\x1f; cannot translate "
                             f"separator {sep!r}")
         source: Any = pa.BufferReader(data.replace(sep.encode(), _TRANSLATED_SEP.encode()))
         delim = _TRANSLATED_SEP
+    elif part.compression is None and part.fs.type_name == "local":
+        source, delim = part.path, sep  # memory-mapped, multi-threaded
     else:
-        source, delim = str(path), sep
+        source, delim = part.open(), sep  # decompressed / remote: streamed
     ucol, icol, rcol = layout.usecols
     read_opts = pacsv.ReadOptions(
         column_names=None if layout.header else layout.names,
@@ -337,11 +383,11 @@ def _read_text(path: Path, layout: _Layout):
         table = pacsv.read_csv(source, read_options=read_opts, parse_options=parse_opts,
                                convert_options=convert_opts)
     except (pa.ArrowInvalid, pa.ArrowKeyError, UnicodeDecodeError) as e:
-        _scan_text(path, layout)  # raises with the exact line when it finds one
+        _scan_text(part, layout)  # raises with the exact line when it finds one
         raise DataError(f"{path}: cannot parse as {layout.format} ({_sep_name(sep)}-separated): {e}") from None
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
-        found = _line_of_rows(path, layout, rows)
+        found = _line_of_rows(part, layout, rows)
         return [(where(path, n), f"line {n}", show(t)) for n, t in found]
 
     users = _text_ids(table.column(ucol), "user", locate, path)
@@ -350,7 +396,7 @@ def _read_text(path: Path, layout: _Layout):
     return users, items, ratings, locate
 
 
-def _text_ids(col: pa.ChunkedArray, role: str, locate, path: Path) -> np.ndarray:
+def _text_ids(col: pa.ChunkedArray, role: str, locate, path: str) -> np.ndarray:
     """int64 when every id is a canonical integer, else an object array of str."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     try:
@@ -390,20 +436,29 @@ def _decimal_length(x: np.ndarray) -> np.ndarray:
     return n + (x < 0)
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its end) for every line of the file."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield n, raw.rstrip(b"\r\n")
+def _iter_lines(part: Part) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its end) for every line of the file, read in
+    4 MiB chunks of the decompressed stream (pyarrow streams have no readline)."""
+    n, rest = 0, b""
+    with part.open() as f:
+        while True:
+            chunk = f.read(1 << 22)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop() if chunk else b""
+            for raw in lines:
+                n += 1
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                yield n, raw.rstrip(b"\r")
+            if not chunk:
+                return
 
 
-def _data_lines(path: Path, layout: _Layout) -> Iterator[tuple[int, int, bytes]]:
+def _data_lines(part: Part, layout: _Layout) -> Iterator[tuple[int, int, bytes]]:
     """(row index, line number, text) of each data row, skipping blank lines and the
     header, numbered exactly as the fast reader numbers its rows."""
     row = 0
-    for n, raw in _iter_lines(path):
+    for n, raw in _iter_lines(part):
         if not raw:
             continue
         if layout.header and n <= layout.header_line:
@@ -412,13 +467,13 @@ def _data_lines(path: Path, layout: _Layout) -> Iterator[tuple[int, int, bytes]]
         row += 1
 
 
-def _line_of_rows(path: Path, layout: _Layout, rows: Sequence[int]) -> list[tuple[int, str]]:
+def _line_of_rows(part: Part, layout: _Layout, rows: Sequence[int]) -> list[tuple[int, str]]:
     wanted = sorted(set(int(r) for r in rows))
     found: dict[int, tuple[int, str]] = {}
     it = iter(wanted)
     nxt = next(it, None)
     if nxt is not None:
-        for row, n, raw in _data_lines(path, layout):
+        for row, n, raw in _data_lines(part, layout):
             if row == nxt:
                 found[row] = (n, raw.decode("utf-8", errors="replace"))
                 nxt = next(it, None)
@@ -427,13 +482,14 @@ def _line_of_rows(path: Path, layout: _Layout, rows: Sequence[int]) -> list[tupl
     return [found.get(int(r), (0, "")) for r in rows]
 
 
-def _scan_text(path: Path, layout: _Layout) -> None:
+def _scan_text(part: Part, layout: _Layout) -> None:
     """Slow path: check every line in Python and raise on the first bad one."""
+    path = part.display
     sep = layout.sep
     ucol, icol, rcol = layout.usecols
     idx = [layout.names.index(c) for c in (ucol, icol, rcol)]
     quoted = layout.format == "csv"
-    for _, n, raw in _data_lines(path, layout):
+    for _, n, raw in _data_lines(part, layout):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -457,19 +513,15 @@ def _scan_text(path: Path, layout: _Layout) -> None:
 # ----------------------------------------------------------------------------------------
 # Parquet
 # ----------------------------------------------------------------------------------------
-def _read_parquet(path: Path, user_col: str, item_col: str, rating_col: str):
-    import pyarrow.parquet as pq
-
+def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
+    path = part.display
     try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    names = list(schema.names)
-    for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
-        if want not in names:
-            raise DataError(f"{path}: missing {role} column {want!r}; the file has "
-                            f"{', '.join(repr(n) for n in names)}; set data.{role}_col")
-    table = pq.read_table(path, columns=[user_col, item_col, rating_col])
+        handle = (pa.BufferReader(part.read_all()) if part.compression
+                  else part.fs.open_input_file(part.path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot open: {e}") from None
+    with handle:
+        table, _ = _parquet_columns(handle, path, part.partition, user_col, item_col, rating_col)
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
         out = []
@@ -498,6 +550,32 @@ def _read_parquet(path: Path, user_col: str, item_col: str, rating_col: str):
     return users, items, ratings, locate
 
 
+def _parquet_columns(handle, path: str, partition, user_col: str, item_col: str, rating_col: str):
+    """(table of the three columns, the file's column names); only those columns are read."""
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(handle)
+        names = list(f.schema_arrow.names)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    # Hive-style folders (``user_bucket=3/``) supply the columns a part file leaves out
+    folders = dict(partition)
+    for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
+        if want not in names and want not in folders:
+            raise DataError(f"{path}: missing {role} column {want!r}; the file has "
+                            f"{', '.join(repr(n) for n in names)}; set data.{role}_col")
+    cols = [c for c in (user_col, item_col, rating_col) if c in names]
+    try:
+        table = f.read(columns=cols)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    for c in (user_col, item_col, rating_col):
+        if c not in names:
+            table = table.append_column(c, pa.array([folders[c]] * table.num_rows, pa.string()))
+    return table, names
+
+
 def _first_bad_number(col: pa.ChunkedArray) -> int | None:
     for i, v in enumerate(col.to_pylist()):
         try:
@@ -514,7 +592,7 @@ def _no_nulls(col: pa.ChunkedArray, role: str, name: str, locate) -> None:
         raise DataError(f"{loc}: missing (null) {role} in column {name!r}: {text}")
 
 
-def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: Path) -> np.ndarray:
+def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: str) -> np.ndarray:
     _no_nulls(col, role + " id", name, locate)
     t = col.type
     if pa.types.is_dictionary(t):
@@ -537,7 +615,7 @@ def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: Path)
 # ----------------------------------------------------------------------------------------
 # Checks shared by every format
 # ----------------------------------------------------------------------------------------
-def _check_values(path: Path, ratings: np.ndarray, scale, locate: Callable) -> None:
+def _check_values(path: str, ratings: np.ndarray, scale, locate: Callable) -> None:
     bad = ~np.isfinite(ratings)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -595,7 +673,7 @@ def count_distinct_pairs(uc: np.ndarray, ic: np.ndarray, n_users: int, n_items: 
     return total
 
 
-def _dedupe(path: Path, raw: RawRatings, policy: str, locate: Callable) -> RawRatings:
+def _dedupe(path: str, raw: RawRatings, policy: str, locate: Callable) -> RawRatings:
     uu, uc, iu, ic = raw.codes()
     if count_distinct_pairs(uc, ic, len(uu), len(iu)) == len(raw):
         return raw
