@@ -136,8 +136,10 @@ def read_ratings(
         b = next(r for r in read if r[0] != read[0][0])
         raise DataError(f"{source}: mixes formats: {a[1]} is {a[0]} but {b[1]} is {b[0]}; "
                         "point data.path at one kind of file")
-    users, items, ratings, locate = _concat([r[2] for r in read])
     fmt_scale = read[0][3]
+    cols = [r[2] for r in read]
+    del read  # _concat releases each part's arrays as it joins them
+    users, items, ratings, locate = _concat(cols)
     if isinstance(scale, str):
         if scale != "auto":
             raise DataError(f"{source}: scale must be (lo, hi), None or 'auto', got {scale!r}")
@@ -181,16 +183,23 @@ def _concat(cols: list[tuple]) -> tuple:
         return np.concatenate([a if a.dtype == object else a.astype(str).astype(object)
                                for a in arrays])
 
-    users = ids([c[0] for c in cols])
-    items = ids([c[1] for c in cols])
-    ratings = np.concatenate([c[2] for c in cols])
     starts = np.cumsum([0] + [len(c[2]) for c in cols])
+    locates = [c[3] for c in cols]
+    # each column joined, then its parts dropped: the peak is one column's copy, not three
+    parts = [list(c[:3]) for c in cols]
+    cols.clear()
+    joined = []
+    for j, join in enumerate((ids, ids, np.concatenate)):
+        joined.append(join([p[j] for p in parts]))
+        for p in parts:
+            p[j] = None
+    users, items, ratings = joined
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
         out = []
         for r in rows:
             j = int(np.searchsorted(starts, int(r), side="right")) - 1
-            out.extend(cols[j][3]([int(r) - int(starts[j])]))
+            out.extend(locates[j]([int(r) - int(starts[j])]))
         return out
 
     return users, items, ratings, locate
@@ -524,11 +533,16 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
         table, _ = _parquet_columns(handle, path, part.partition, user_col, item_col, rating_col)
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
+        # rows are looked up again in the file, on the error path only: the table itself is
+        # not kept alive for them (at 100M ratings it is gigabytes)
         out = []
-        for r in rows:
-            vals = {c: table.column(c)[int(r)].as_py() for c in (user_col, item_col, rating_col)}
-            out.append((where(path, int(r) + 1, row=True), f"row {int(r) + 1}",
-                        ", ".join(f"{k}={v!r}" for k, v in vals.items())))
+        with (pa.BufferReader(part.read_all()) if part.compression
+              else part.fs.open_input_file(part.path)) as h:
+            again, _ = _parquet_columns(h, path, part.partition, user_col, item_col, rating_col)
+            for r in rows:
+                vals = {c: again.column(c)[int(r)].as_py() for c in (user_col, item_col, rating_col)}
+                out.append((where(path, int(r) + 1, row=True), f"row {int(r) + 1}",
+                            ", ".join(f"{k}={v!r}" for k, v in vals.items())))
         return out
 
     users = _parquet_ids(table.column(user_col), "user", user_col, locate, path)
