@@ -126,9 +126,27 @@ def read_ratings(
         raise DataError(f"{shown}: unknown dedupe policy {dedupe!r}; expected one of {', '.join(DEDUPE)}")
     parts = resolve(path)
     source = parts[0].display if len(parts) == 1 else _redacted(shown)
+    raw, locate = read_parts(parts, source=source, format=format, sep=sep, user_col=user_col,
+                             item_col=item_col, rating_col=rating_col, scale=scale)
+    if len(raw) == 0:
+        raise DataError(f"{source}: no ratings (the file holds no data rows)")
+    return _dedupe(source, raw, dedupe, locate)
+
+
+def read_parts(parts: Sequence[Part], *, source: str, format: str = "auto", sep: str = "",
+               user_col: str = "user", item_col: str = "item", rating_col: str = "rating",
+               scale: tuple[float, float] | None | str = "auto") -> tuple[RawRatings, Callable]:
+    """The ratings of ``parts`` in order, values checked, duplicates not looked at (a
+    rank reading its share of a dataset leaves that to the rank that gathers each item's
+    ratings). Returns ``(raw, locate)``: ``locate(rows) -> [(where, label, text)]`` names
+    the part file and line/row of rows of ``raw``. No parts: an empty ``raw``.
+    """
     if len(parts) > 1:
         # a dataset may hold empty part files (Spark writes them for empty partitions)
-        parts = [p for p in parts if p.size > 0] or parts[:1]
+        parts = [p for p in parts if p.size > 0] or list(parts[:1])
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return RawRatings(empty, empty.copy(), np.zeros(0, np.float32), source=source), lambda rows: []
     read = [_read_part(p, format, sep, user_col, item_col, rating_col) for p in parts]
     formats = {r[0] for r in read}
     if len(formats) > 1:
@@ -144,11 +162,8 @@ def read_ratings(
         if scale != "auto":
             raise DataError(f"{source}: scale must be (lo, hi), None or 'auto', got {scale!r}")
         scale = fmt_scale
-    if len(ratings) == 0:
-        raise DataError(f"{source}: no ratings (the file holds no data rows)")
     _check_values(source, ratings, scale, locate)
-    raw = RawRatings(users, items, ratings.astype(np.float32), source=source)
-    return _dedupe(source, raw, dedupe, locate)
+    return RawRatings(users, items, ratings.astype(np.float32), source=source), locate
 
 
 def _redacted(text: str) -> str:
@@ -530,7 +545,7 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e}") from None
     with handle:
-        table, _ = _parquet_columns(handle, path, part.partition, user_col, item_col, rating_col)
+        table, _ = _parquet_columns(handle, path, part, user_col, item_col, rating_col)
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
         # rows are looked up again in the file, on the error path only: the table itself is
@@ -538,10 +553,11 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
         out = []
         with (pa.BufferReader(part.read_all()) if part.compression
               else part.fs.open_input_file(part.path)) as h:
-            again, _ = _parquet_columns(h, path, part.partition, user_col, item_col, rating_col)
+            again, first = _parquet_columns(h, path, part, user_col, item_col, rating_col)
             for r in rows:
                 vals = {c: again.column(c)[int(r)].as_py() for c in (user_col, item_col, rating_col)}
-                out.append((where(path, int(r) + 1, row=True), f"row {int(r) + 1}",
+                n = first + int(r) + 1  # rows are counted in the file, not in a row-group share
+                out.append((where(path, n, row=True), f"row {n}",
                             ", ".join(f"{k}={v!r}" for k, v in vals.items())))
         return out
 
@@ -564,8 +580,9 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
     return users, items, ratings, locate
 
 
-def _parquet_columns(handle, path: str, partition, user_col: str, item_col: str, rating_col: str):
-    """(table of the three columns, the file's column names); only those columns are read."""
+def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str, rating_col: str):
+    """(table of the three columns of ``part``'s row groups, the file row of its first row);
+    only those columns are read."""
     import pyarrow.parquet as pq
 
     try:
@@ -574,20 +591,25 @@ def _parquet_columns(handle, path: str, partition, user_col: str, item_col: str,
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     # Hive-style folders (``user_bucket=3/``) supply the columns a part file leaves out
-    folders = dict(partition)
+    folders = dict(part.partition)
     for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
         if want not in names and want not in folders:
             raise DataError(f"{path}: missing {role} column {want!r}; the file has "
                             f"{', '.join(repr(n) for n in names)}; set data.{role}_col")
     cols = [c for c in (user_col, item_col, rating_col) if c in names]
     try:
-        table = f.read(columns=cols)
+        if part.row_groups is None:
+            table, first = f.read(columns=cols), 0
+        else:
+            lo, hi = part.row_groups
+            table = f.read_row_groups(list(range(lo, hi)), columns=cols)
+            first = sum(f.metadata.row_group(g).num_rows for g in range(lo))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     for c in (user_col, item_col, rating_col):
         if c not in names:
             table = table.append_column(c, pa.array([folders[c]] * table.num_rows, pa.string()))
-    return table, names
+    return table, first
 
 
 def _first_bad_number(col: pa.ChunkedArray) -> int | None:

@@ -24,9 +24,9 @@ import fnmatch
 import glob as globlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from svdfill.data.errors import DataError
 
@@ -55,8 +55,9 @@ class Part:
 
     fs: the ``pyarrow.fs.FileSystem`` it is read through; path: its path on ``fs``;
     display: how messages name it (a local path, or the URI without its query); size: bytes
-    on storage (compressed); partition: ``key=value`` folder segments between the dataset's
-    root and the file (Hive-style), in order.
+    on storage (compressed; of the whole file even with ``row_groups``); partition:
+    ``key=value`` folder segments between the dataset's root and the file (Hive-style), in
+    order.
     """
 
     fs: Any
@@ -64,6 +65,8 @@ class Part:
     display: str
     size: int
     partition: tuple[tuple[str, str], ...] = field(default=())
+    row_groups: tuple[int, int] | None = None
+    """Parquet only: read just row groups ``[lo, hi)`` (a rank's share of a large file)."""
 
     @property
     def name(self) -> str:
@@ -253,3 +256,54 @@ def _glob_regex(pattern: str) -> str:
             i += 1
         rx += "" if last else "/"
     return rx
+
+
+_PARQUET_NAMES = (".parquet", ".pq", ".parq")
+
+
+def _units(parts: Sequence[Part]) -> list[tuple[Part, int]]:
+    """The dataset cut into (unit, bytes): a Parquet file's row groups each, a text file
+    whole (it has no index to start reading in the middle of)."""
+    import pyarrow.parquet as pq
+
+    out: list[tuple[Part, int]] = []
+    for p in parts:
+        if p.compression is None and p.name.lower().endswith(_PARQUET_NAMES) and p.size > 0:
+            try:
+                with p.fs.open_input_file(p.path) as h:
+                    meta = pq.ParquetFile(h).metadata
+                    sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+            except OSError as e:
+                raise DataError(f"{p.display}: cannot read the Parquet footer: {e}") from None
+            except Exception:  # not Parquet after all: the reader says why, as a whole unit
+                sizes = None
+            if sizes:
+                out.extend((replace(p, row_groups=(g, g + 1)), max(int(s), 1))
+                           for g, s in enumerate(sizes))
+                continue
+        out.append((p, max(p.size, 1)))
+    return out
+
+
+def share(parts: Sequence[Part], rank: int, world_size: int) -> list[Part]:
+    """Rank ``rank``'s contiguous share of ``parts``, balanced by bytes over Parquet row
+    groups and whole text files: every rank computes the same cut from the same sorted
+    parts, so the shares are disjoint, cover the dataset, and rank r's rows precede rank
+    r+1's in the dataset's order."""
+    units = _units(parts)
+    total = sum(w for _, w in units)
+    mine: list[Part] = []
+    done = 0
+    for u, w in units:
+        # the unit goes to the rank whose byte range holds its middle
+        owner = min(world_size - 1, int(world_size * (done + w / 2) / total))
+        done += w
+        if owner != rank:
+            continue
+        last = mine[-1] if mine else None
+        if (last is not None and u.row_groups is not None and last.row_groups is not None
+                and last.path == u.path and last.row_groups[1] == u.row_groups[0]):
+            mine[-1] = replace(last, row_groups=(last.row_groups[0], u.row_groups[1]))
+        else:
+            mine.append(u)
+    return mine

@@ -29,21 +29,32 @@ def split_indices(ratings: Ratings, *, how: str = "random", fraction: float = 0.
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
     n = len(ratings)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B117]))
     if how == "random":
-        n_val = int(round(fraction * n))
-        if n > LARGE_SPLIT:
-            is_val = _exact_size_sample(n, n_val, rng)
-        else:
-            val = np.sort(rng.permutation(n)[:n_val]) if n_val else np.zeros(0, dtype=np.int64)
-            is_val = np.zeros(n, dtype=bool)
-            is_val[val] = True
+        is_val = random_val_mask(n, fraction, seed)
     else:
         is_val = _per_user_mask(ratings.users.cpu().numpy().astype(np.int64), ratings.n_users,
-                                fraction, rng)
+                                fraction, _rng(seed))
     val_idx = torch.from_numpy(np.flatnonzero(is_val).astype(np.int64))
     train_idx = torch.from_numpy(np.flatnonzero(~is_val).astype(np.int64))
     return train_idx, val_idx
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B117]))
+
+
+def random_val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """bool [n]: which of ``n`` ratings (in dataset order) the random split holds out;
+    ``round(fraction·n)`` of them. A function of ``(n, fraction, seed)`` alone, so ranks
+    that each hold a share of a dataset agree on the split of every rating."""
+    rng = _rng(seed)
+    n_val = int(round(fraction * n))
+    if n > LARGE_SPLIT:
+        return _exact_size_sample(n, n_val, rng)
+    val = np.sort(rng.permutation(n)[:n_val]) if n_val else np.zeros(0, dtype=np.int64)
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val] = True
+    return is_val
 
 
 LARGE_SPLIT = 1 << 24

@@ -1,0 +1,248 @@
+"""Reading a ratings dataset across a world: each rank reads a share, ratings travel to the
+rank that trains their item.
+
+One process reads everything (``data.dataset.load_dataset``). In a world of W ranks that
+would make every rank read, parse and hold the whole dataset; here instead:
+
+1. every rank resolves the same sorted parts and reads only its share of them
+   (:func:`svdfill.data.sources.share`: contiguous Parquet row groups and text files,
+   balanced by bytes), so rank r's rows precede rank r+1's in the dataset's order;
+2. the id map is built once for the world: each rank's distinct raw ids are all-gathered
+   and merged, so every rank holds the map one process would build from the whole file;
+3. the hold-out split is a function of a rating's position in the dataset
+   (:func:`svdfill.data.split.random_val_mask`), so each rank splits its rows exactly as
+   one process splits the whole;
+4. items are cut into the trainer's shards from the all-reduced per-item training counts
+   (the same cut as before), and one all-to-all sends every rating to the rank that owns
+   its item. Received in rank order, a rank's ratings keep the dataset's order: the trainer
+   sees the very tensors it saw when every rank read everything.
+
+Duplicate pairs are checked where they meet: all ratings of an item end on one rank. A bad
+rating, a malformed line or a duplicate raises the same error on every rank (the one that
+one process would raise first), so no rank waits forever on a collective.
+
+Left to the old path (every rank reads everything): ``data.split = "per_user"`` and
+``data.dedupe = "last" | "mean"`` (both need a user's or a pair's ratings in one place before
+the split), and the synthetic preset (generated, not read).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from svdfill.data.dataset import Ratings
+from svdfill.data.errors import DataError
+from svdfill.data.idmap import IdMap
+
+
+@dataclass
+class ShardedData:
+    """What one rank trains on after :func:`read_sharded`.
+
+    train, val: this rank's item shard's ratings, global ids, in dataset order (full id-space
+    sizes). idmap: the world's id map (the same on every rank). shards: every rank's item
+    range. n_ratings: ratings in the whole dataset. parts: what this rank read (display
+    names, with ``[row groups lo:hi]`` for a share of a Parquet file). bytes_read: their
+    bytes on storage.
+    """
+
+    train: Ratings
+    val: Ratings
+    idmap: IdMap
+    shards: list[tuple[int, int]]
+    n_ratings: int
+    parts: list[str]
+    bytes_read: int
+
+
+def supported(data_cfg: Any) -> str | None:
+    """None when :func:`read_sharded` can read ``data_cfg``; else why the old path runs."""
+    if not data_cfg.path:
+        return "synthetic data is generated, not read"
+    if data_cfg.split != "random":
+        return f"data.split = {data_cfg.split!r} needs each user's ratings in one place"
+    if data_cfg.dedupe != "error":
+        return f"data.dedupe = {data_cfg.dedupe!r} needs each pair's ratings in one place"
+    return None
+
+
+# -- collectives ------------------------------------------------------------------------------
+
+def _all_gather(world, obj) -> list:
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agreed(world, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it raised a DataError on any rank, raise the lowest
+    rank's on all of them (its rows come first in the dataset, so it is the error one
+    process would have raised)."""
+    try:
+        out, err = fn(), None
+    except DataError as e:
+        out, err = None, str(e)
+    errors = _all_gather(world, err)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise DataError(first)
+    return out
+
+
+def _exchange(world, columns: list[torch.Tensor], dest: torch.Tensor) -> list[torch.Tensor]:
+    """Send row j of every column to rank ``dest[j]``; returns the rows received, from
+    rank 0's first, each sender's in their order. columns: CPU tensors [n] (or [n, c]);
+    dest: int64 [n]."""
+    order = torch.argsort(dest, stable=True)
+    send_counts = torch.bincount(dest, minlength=world.world_size)
+    recv_counts = torch.empty_like(send_counts)
+    comm = getattr(world, "comm_device", torch.device("cpu"))
+    sc, rc = send_counts.to(comm), recv_counts.to(comm)
+    dist.all_to_all_single(rc, sc)
+    send, recv = sc.cpu().tolist(), rc.cpu().tolist()
+    out = []
+    for col in columns:
+        src = col[order].to(comm)
+        got = torch.empty((sum(recv),) + tuple(col.shape[1:]), dtype=col.dtype, device=comm)
+        dist.all_to_all_single(got, src, output_split_sizes=recv, input_split_sizes=send)
+        out.append(got.cpu())
+    return out
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+def _merged_ids(world, local: np.ndarray) -> np.ndarray:
+    """The sorted distinct raw ids of the whole world from each rank's ``local`` ones: int64,
+    or ``str`` everywhere when any rank has text ids (as one process joining the parts)."""
+    from svdfill.data.idmap import factorize
+
+    uniq, _ = factorize(local) if local.size else (local, None)
+    parts = _all_gather(world, uniq)
+    if all(p.dtype == np.int64 for p in parts):
+        return np.unique(np.concatenate(parts)).astype(np.int64)
+    text = np.unique(np.concatenate([p.astype(str) for p in parts]))
+    return text.astype(object)
+
+
+def _as_kind(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return ids.astype(str).astype(object) if table.dtype == object and ids.dtype != object else ids
+
+
+def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = None) -> ShardedData:
+    """This rank's share of ``data_cfg``'s dataset, split and routed to its item shard (see
+    the module docstring). Every rank of ``world`` (a ``DistWorld``) must call it."""
+    from svdfill.config import resolve_data_path
+    from svdfill.data.readers import read_parts
+    from svdfill.data.sources import is_uri, resolve, share
+    from svdfill.data.split import random_val_mask
+    from svdfill.distributed.sharding import balanced_shards
+
+    path = data_cfg.path if is_uri(data_cfg.path) else str(resolve_data_path(data_cfg.path))
+    lo, hi = float(data_cfg.scale_min), float(data_cfg.scale_max)
+    scale: Any = "auto" if math.isnan(lo) and math.isnan(hi) else (lo, hi)
+    W, rank = world.world_size, world.rank
+
+    def read():
+        parts = resolve(path)
+        mine = share(parts, rank, W)
+        source = parts[0].display if len(parts) == 1 else path.split("?", 1)[0]
+        raw, locate = read_parts(mine, source=source, format=data_cfg.format, sep=data_cfg.sep,
+                                 user_col=data_cfg.user_col, item_col=data_cfg.item_col,
+                                 rating_col=data_cfg.rating_col, scale=scale)
+        return parts, mine, source, raw, locate
+
+    parts, mine, source, raw, locate = _agreed(world, read)
+    counts = _all_gather(world, len(raw))
+    n, offset = sum(counts), sum(counts[:rank])
+    if n == 0:
+        raise DataError(f"{source}: no ratings (the file holds no data rows)")
+
+    users = _merged_ids(world, raw.users)
+    items = _merged_ids(world, raw.items)
+    idmap = IdMap(users, items)
+    uc = idmap.encode_users(_as_kind(raw.users, users))
+    ic = idmap.encode_items(_as_kind(raw.items, items))
+    ratings = torch.from_numpy(np.ascontiguousarray(raw.ratings, dtype=np.float32))
+    del raw
+
+    # every rank draws the whole split (a function of n and the seed) and keeps its rows
+    is_val = torch.from_numpy(random_val_mask(n, data_cfg.val_fraction, data_cfg.split_seed)
+                              [offset:offset + len(ratings)].copy())
+    u32 = torch.from_numpy(uc.astype(np.int32))
+    i32 = torch.from_numpy(ic.astype(np.int32))
+    del uc, ic
+
+    # the trainer's cut: balanced by the training ratings per item, as before
+    train_counts = torch.bincount(i32[~is_val].long(), minlength=idmap.n_items).to(torch.float64)
+    world.all_reduce_sum(train_counts)
+    shards = balanced_shards(train_counts.long(), W)
+    bounds = torch.tensor([b for _, b in shards[:-1]], dtype=torch.int32)
+    dest = torch.bucketize(i32, bounds, right=True).long()
+    rows = torch.arange(offset, offset + len(ratings), dtype=torch.int64)
+    # positions travel along (8 bytes a rating) so a duplicate can be named by file and line
+    got_u, got_i, got_r, got_v, got_rows = _exchange(
+        world, [u32, i32, ratings, is_val.to(torch.uint8), rows], dest)
+    got_v = got_v.bool()
+    del u32, i32, ratings, is_val, dest, rows
+
+    _check_duplicates(world, got_u, got_i, got_rows, idmap, locate, source, (offset, counts[rank]))
+    del got_rows
+    train = Ratings(got_u[~got_v], got_i[~got_v], got_r[~got_v], idmap.n_users, idmap.n_items)
+    val = Ratings(got_u[got_v], got_i[got_v], got_r[got_v], idmap.n_users, idmap.n_items)
+    names = [p.display + (f" [row groups {p.row_groups[0]}:{p.row_groups[1]}]"
+                          if p.row_groups is not None else "") for p in mine]
+    if log is not None:
+        log(f"rank {rank}: read {len(names)} of {len(parts)} parts ({counts[rank]:,} of "
+            f"{n:,} ratings), trains {len(train) + len(val):,} of items {shards[rank]}")
+    return ShardedData(train, val, idmap, shards, n, names,
+                       sum(p.size for p in {q.path: q for q in mine}.values()))
+
+
+def _check_duplicates(world, users: torch.Tensor, items: torch.Tensor, rows: torch.Tensor,
+                      idmap: IdMap, locate, source: str, mine: tuple[int, int]) -> None:
+    """Raise, on every rank, the error one process raises for the dataset's first repeated
+    (user, item) pair. All ratings of an item sit on its owning rank, so each rank finds its
+    own repeats; the earliest over the world is named by the ranks that read its rows.
+
+    users, items: int32 [m] this rank's ratings after the exchange; rows: int64 [m] their
+    positions in the dataset; mine: (first position, count) of the rows this rank read,
+    which ``locate`` names."""
+    from svdfill.data.readers import _plain, count_distinct_pairs
+
+    u = users.numpy().astype(np.int64)
+    i = items.numpy().astype(np.int64)
+    local = len(u) - count_distinct_pairs(u, i, idmap.n_users, idmap.n_items)
+    total = torch.tensor([float(local)], dtype=torch.float64)
+    world.all_reduce_sum(total)
+    n_dup = int(total.item())
+    if n_dup == 0:
+        return
+    found = None
+    if local:
+        # the first later occurrence in dataset order, and the first occurrence it repeats
+        key = u * max(idmap.n_items, 1) + i
+        r = rows.numpy()
+        order = np.lexsort((r, key))
+        skey, srow = key[order], r[order]
+        dup = np.flatnonzero(skey[1:] == skey[:-1]) + 1
+        j = int(dup[np.argmin(srow[dup])])
+        first = int(srow[np.searchsorted(skey, skey[j])])
+        found = (int(srow[j]), first, int(u[order[j]]), int(i[order[j]]))
+    later, first, uc, ic = min(f for f in _all_gather(world, found) if f is not None)
+    lo, count = mine
+    named = {p: locate([p - lo])[0] for p in (later, first) if lo <= p < lo + count}
+    where_is = {}
+    for d in _all_gather(world, named):
+        where_is.update(d)
+    (loc_j, _, text_j), (_, label_i, text_i) = where_is[later], where_is[first]
+    raise DataError(
+        f"{loc_j}: duplicate (user, item) pair ({_plain(idmap.user_ids[uc])}, "
+        f"{_plain(idmap.item_ids[ic])}): {text_j} repeats {label_i} {text_i} ({n_dup} duplicate "
+        f"row{'s' if n_dup > 1 else ''} in all); set data.dedupe (--dedupe) to 'last' or "
+        "'mean' to accept them")

@@ -1,0 +1,148 @@
+"""distributed/ingest.py: ranks read disjoint shares of a dataset and end with exactly the
+ratings, id map and split one process gives each rank's item shard (real gloo groups)."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from svdfill.config import DataConfig
+from svdfill.data.errors import DataError
+from tests.multiprocess_harness import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _rank_read(rank: int, world_size: int, data: DataConfig):
+    from svdfill.distributed.ingest import read_sharded
+    from svdfill.distributed.world import DistWorld
+
+    world = DistWorld(rank, world_size, torch.device("cpu"), "gloo")
+    try:
+        got = read_sharded(data, world)
+    except DataError as e:
+        return {"error": str(e)}
+    return {"train": [t.numpy().copy() for t in (got.train.users, got.train.items, got.train.ratings)],
+            "val": [t.numpy().copy() for t in (got.val.users, got.val.items, got.val.ratings)],
+            "users": got.idmap.user_ids, "items": got.idmap.item_ids, "shards": got.shards,
+            "parts": got.parts, "bytes": got.bytes_read, "n": got.n_ratings}
+
+
+def _one_process(data: DataConfig, world_size: int):
+    """What every rank trained on before: the whole file read, split, cut by item."""
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.distributed.sharding import balanced_shards, item_counts
+
+    ratings, idmap = load_dataset(data)
+    train, val = split(ratings, how=data.split, fraction=data.val_fraction, seed=data.split_seed)
+    shards = balanced_shards(item_counts(train.items, train.n_items), world_size)
+    per_rank = []
+    for lo, hi in shards:
+        pick = lambda r: [t[(r.items >= lo) & (r.items < hi)].numpy() for t in (r.users, r.items, r.ratings)]  # noqa: E731
+        per_rank.append((pick(train), pick(val)))
+    return idmap, shards, per_rank
+
+
+def _check_same(data: DataConfig, world_size: int):
+    got = run_ranks(_rank_read, world_size, data, timeout=180)
+    idmap, shards, per_rank = _one_process(data, world_size)
+    for r, g in enumerate(got):
+        assert "error" not in g, g
+        assert g["shards"] == shards
+        assert np.array_equal(g["users"], idmap.user_ids) and np.array_equal(g["items"], idmap.item_ids)
+        for have, want in zip(g["train"] + g["val"], per_rank[r][0] + per_rank[r][1]):
+            assert np.array_equal(have, want)
+    return got
+
+
+def _spark_parts(root, n_parts: int, n: int, seed: int, row_group: int = 500):
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(300 * 80, size=n, replace=False)
+    users, items = pairs // 80 + 1000, pairs % 80
+    ratings = rng.integers(1, 6, n).astype(np.float32)
+    root.mkdir()
+    (root / "_SUCCESS").write_bytes(b"")
+    bounds = np.linspace(0, n, n_parts + 1).astype(int)
+    for j in range(n_parts):
+        s = slice(bounds[j], bounds[j + 1])
+        pq.write_table(pa.table({"user": users[s], "item": items[s], "rating": ratings[s]}),
+                       root / f"part-{j:05d}.parquet", row_group_size=row_group)
+    return users, items, ratings
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_parquet_parts_read_disjointly_match_one_process(tmp_path, world_size):
+    _spark_parts(tmp_path / "ds", 5, 6000, seed=world_size)
+    data = DataConfig(path=str(tmp_path / "ds"))
+    got = _check_same(data, world_size)
+    # every rank read something, no part or row group twice, and about 1/W of the bytes
+    shares = [set(g["parts"]) for g in got]
+    assert all(shares) and sum(len(s) for s in shares) == len(set().union(*shares))
+    total = sum(p.stat().st_size for p in (tmp_path / "ds").glob("part-*"))
+    assert all(g["bytes"] < 0.8 * total for g in got)
+
+
+def test_one_big_parquet_file_is_shared_by_row_groups(tmp_path):
+    _spark_parts(tmp_path / "ds", 1, 8000, seed=7, row_group=250)
+    got = _check_same(DataConfig(path=str(tmp_path / "ds" / "part-00000.parquet")), 2)
+    (a,), (b,) = got[0]["parts"], got[1]["parts"]
+    assert a.endswith("[row groups 0:16]") and b.endswith("[row groups 16:32]")
+
+
+def test_compressed_text_parts_with_string_ids(tmp_path):
+    d = tmp_path / "txt"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    for j in range(4):
+        lines = ["user,item,rating"] + [f"u{rng.integers(0, 40)}_{j}_{k},{rng.integers(0, 30)},{rng.integers(1, 6)}"
+                                        for k in range(300)]
+        with gzip.open(d / f"part-{j}.csv.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    _check_same(DataConfig(path=str(d / "part-*.csv.gz")), 2)
+
+
+def test_ml100k_as_one_text_file(ml100k_path):
+    _check_same(DataConfig(path=str(ml100k_path), format="ml-100k"), 2)
+
+
+def test_a_duplicate_across_ranks_raises_the_one_process_error_everywhere(tmp_path):
+    users, items, ratings = _spark_parts(tmp_path / "ds", 4, 4000, seed=11)
+    # the last part repeats a pair of the first part: the two are read by different ranks
+    last = tmp_path / "ds" / "part-00003.parquet"
+    t = pq.read_table(last).to_pydict()
+    t["user"][5], t["item"][5] = int(users[7]), int(items[7])
+    pq.write_table(pa.table(t), last)
+    data = DataConfig(path=str(tmp_path / "ds"))
+    with pytest.raises(DataError) as e:
+        from svdfill.data.dataset import load_dataset
+
+        load_dataset(data)
+    got = run_ranks(_rank_read, 2, data, timeout=180)
+    assert [g.get("error") for g in got] == [str(e.value)] * 2
+    assert f"{last}: row 6" in str(e.value)
+
+
+def test_a_bad_rating_on_the_second_rank_stops_every_rank(tmp_path):
+    _spark_parts(tmp_path / "ds", 4, 4000, seed=12)
+    last = tmp_path / "ds" / "part-00003.parquet"
+    t = pq.read_table(last).to_pydict()
+    t["rating"][9] = float("nan")
+    pq.write_table(pa.table(t), last)
+    data = DataConfig(path=str(tmp_path / "ds"))
+    got = run_ranks(_rank_read, 2, data, timeout=180)
+    assert got[0]["error"] == got[1]["error"] and f"{last}: row 10" in got[0]["error"]
+
+
+def test_unsupported_settings_say_why():
+    from svdfill.distributed.ingest import supported
+
+    assert supported(DataConfig(path="x")) is None
+    assert "per_user" in supported(DataConfig(path="x", split="per_user"))
+    assert "mean" in supported(DataConfig(path="x", dedupe="mean"))
+    assert "synthetic" in supported(DataConfig())
