@@ -246,3 +246,37 @@ def _check_duplicates(world, users: torch.Tensor, items: torch.Tensor, rows: tor
         f"{_plain(idmap.item_ids[ic])}): {text_j} repeats {label_i} {text_i} ({n_dup} duplicate "
         f"row{'s' if n_dup > 1 else ''} in all); set data.dedupe (--dedupe) to 'last' or "
         "'mean' to accept them")
+
+
+def gather_seen(world, train: Ratings, val: Ratings):
+    """The run's two seen sets, ``(train CSR, train ∪ val CSR)`` as
+    :func:`svdfill.data.csr.build_csr_pair` gives them for the whole dataset, on the main
+    rank (None elsewhere), from every rank's item-shard ratings. A user's row is the ranks'
+    rows joined in rank order: shards are ascending item ranges, so it stays sorted.
+    Every rank must call it."""
+    from svdfill.data.csr import build_csr_pair
+
+    n_users = train.n_users
+    local = build_csr_pair(train.users, train.items, val.users, val.items, n_users)
+    local = [(p.numpy(), i.numpy()) for p, i in local]
+    out = [None] * world.world_size if world.is_main else None
+    dist.gather_object(local, out, dst=0)
+    if not world.is_main:
+        return None
+    return tuple(_join_rows([o[k] for o in out]) for k in range(2))
+
+
+def _join_rows(csrs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CSR whose row u is row u of each of ``csrs`` in turn (int64 indptr, the
+    indices' dtype kept)."""
+    counts = [np.diff(p) for p, _ in csrs]
+    total = np.sum(counts, axis=0)
+    indptr = np.zeros(total.size + 1, dtype=np.int64)
+    np.cumsum(total, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=csrs[0][1].dtype)
+    before = indptr[:-1].copy()  # where the next rank's part of each row starts
+    for (p, idx), c in zip(csrs, counts):
+        pos = np.repeat(before - p[:-1], c) + np.arange(idx.size, dtype=np.int64)
+        indices[pos] = idx
+        before += c
+    return torch.from_numpy(indptr), torch.from_numpy(indices)

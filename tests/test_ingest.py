@@ -22,19 +22,24 @@ def _rank_read(rank: int, world_size: int, data: DataConfig):
     from svdfill.distributed.ingest import read_sharded
     from svdfill.distributed.world import DistWorld
 
+    from svdfill.distributed.ingest import gather_seen
+
     world = DistWorld(rank, world_size, torch.device("cpu"), "gloo")
     try:
         got = read_sharded(data, world)
     except DataError as e:
         return {"error": str(e)}
+    seen = gather_seen(world, got.train, got.val)
     return {"train": [t.numpy().copy() for t in (got.train.users, got.train.items, got.train.ratings)],
             "val": [t.numpy().copy() for t in (got.val.users, got.val.items, got.val.ratings)],
             "users": got.idmap.user_ids, "items": got.idmap.item_ids, "shards": got.shards,
-            "parts": got.parts, "bytes": got.bytes_read, "n": got.n_ratings}
+            "parts": got.parts, "bytes": got.bytes_read, "n": got.n_ratings,
+            "seen": None if seen is None else [[t.numpy() for t in csr] for csr in seen]}
 
 
 def _one_process(data: DataConfig, world_size: int):
     """What every rank trained on before: the whole file read, split, cut by item."""
+    from svdfill.data.csr import build_csr_pair
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
     from svdfill.distributed.sharding import balanced_shards, item_counts
@@ -46,12 +51,16 @@ def _one_process(data: DataConfig, world_size: int):
     for lo, hi in shards:
         pick = lambda r: [t[(r.items >= lo) & (r.items < hi)].numpy() for t in (r.users, r.items, r.ratings)]  # noqa: E731
         per_rank.append((pick(train), pick(val)))
-    return idmap, shards, per_rank
+    seen = build_csr_pair(train.users, train.items, val.users, val.items, ratings.n_users)
+    return idmap, shards, per_rank, seen
 
 
 def _check_same(data: DataConfig, world_size: int):
     got = run_ranks(_rank_read, world_size, data, timeout=180)
-    idmap, shards, per_rank = _one_process(data, world_size)
+    idmap, shards, per_rank, seen = _one_process(data, world_size)
+    assert got[0]["seen"] is not None and all(g["seen"] is None for g in got[1:])
+    for have, want in zip(got[0]["seen"], seen):
+        assert np.array_equal(have[0], want[0].numpy()) and np.array_equal(have[1], want[1].numpy())
     for r, g in enumerate(got):
         assert "error" not in g, g
         assert g["shards"] == shards
