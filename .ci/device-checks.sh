@@ -82,17 +82,20 @@ for s in "${WANT[@]}"; do
       -k "cuda and not compiles_for_hopper" \
       tests/test_fill.py tests/test_gibbs.py tests/test_triton_fill.py tests/test_triton_sgd.py \
       tests/test_triton_row_optim.py tests/test_row_optim.py tests/test_triton_util.py \
-      tests/test_sgd.py tests/test_world.py tests/test_csr.py tests/test_als.py ;;
+      tests/test_sgd.py tests/test_world.py tests/test_csr.py tests/test_als.py \
+      tests/test_dispatch.py tests/test_topk.py ;;
     baselines) stage baselines python3 .dev/torch-baselines.py ;;
-    # the fill shape first: if the cap cuts the stage, the figures already written (one JSON
-    # line each) hold the headline one
+    # training shapes first (seconds each), then the 1M x 1M fill in the two tensor-core
+    # dtypes only (fp32-ieee has no tensor-core path: ~10 s a run, it would eat the cap),
+    # 2 timed runs each; every figure is a JSON line as soon as it is measured
     kernels) stage kernels python3 -m svdfill.launch.cli bench kernels \
-      --out "$LOGS/kernels.jsonl" --shapes fill-1m,train-100m,train-ml1m ;;
-    # 600k with its Parquet export (issue 3's whole-job figure); 1M x 1M without (100M rows
-    # of Parquet would take the stage's time and say nothing about the GPU)
+      --out "$LOGS/kernels.jsonl" --shapes train-100m,train-ml1m,fill-1m \
+      --fill-dtypes bfloat16,tf32 --repeat 2 ;;
+    # the fills alone: a 60M-row Parquet export in two processes says nothing about the GPU
+    # (the e2e stage times the export of the whole job)
     fill) stage fill bash -c "python3 -m svdfill.launch.cli bench fill --device cuda \
-      --shape 600k --dtype bfloat16 && python3 -m svdfill.launch.cli bench fill --device cuda \
-      --shape 1m --dtype bfloat16 --no-export" ;;
+      --shape 600k --dtype bfloat16 --no-export && python3 -m svdfill.launch.cli bench fill \
+      --device cuda --shape 1m --dtype bfloat16 --no-export" ;;
     e2e) stage e2e bash .ci/e2e-600k.sh ;;
   esac
 done

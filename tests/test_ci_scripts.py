@@ -28,6 +28,9 @@ def test_e2e_script_runs_the_job_and_reports_each_phase(tmp_path):
         assert (tmp_path / f"summary-{engine}.json").exists()
         assert not (tmp_path / f"e2e-{engine}").exists()  # the run is removed once reported
     assert report.count("val RMSE") == 2 and "rows in 1 row groups" in report, report
+    # both jobs read one generated data set (same [data.synthetic]): made once, then removed
+    assert report.count("data      synth-") == 1 and " rc=0" in report, report
+    assert not list(tmp_path.glob("e2e-data-*.parquet"))
 
 
 def test_device_checks_script_parses_and_names_existing_tests():
