@@ -1,4 +1,4 @@
-"""`svdfill bench fill|kernels|accuracy`: each prints one table with its baseline measured
+"""`svdfill bench fill|kernels|accuracy|ingest`: each prints one table with its baseline measured
 in the same run, so speed claims are ratios, never lone seconds."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ SUITES = {
     "fill": "Fill: per-pair DataLoader vs dense product vs fill_topk (and peers).",
     "kernels": "Fused Triton kernels vs plain torch vs the hardware floor (CUDA).",
     "accuracy": "svdfill vs the original recipe vs Surprise SVD on seeded splits.",
+    "ingest": "Reading a dataset: each of W ranks its share vs one process reading all.",
 }
 
 
@@ -18,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     for name, help_ in SUITES.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(f"svdfill.launch.bench_{name}").add_arguments(p)
+        importlib.import_module(f"svdfill.bench.{name}").add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    return importlib.import_module(f"svdfill.launch.bench_{args.suite}").main(args)
+    if args.suite == "fill":  # a wrong --device is the user's error, said as such
+        from svdfill.launch.cmd_fill import resolve_device
+
+        args.device = str(resolve_device(args.device))
+    return importlib.import_module(f"svdfill.bench.{args.suite}").main(args)
