@@ -6,8 +6,8 @@ Layout of ``runs/NAME/`` (see ARCHITECTURE.md, "Run directory"):
   state, "config": dict, "metrics": dict}``
 - ``seen.pt``: ``{"format": "svdfill-seen/1", "train": CSR, "all": CSR}``, a CSR being
   ``{"indptr": int64 [U+1], "indices": int32 [nnz]}``
-- ``checkpoint.pt``: resumable training state (any tree of tensors / numbers / str / lists /
-  dicts / tuples), written by the trainer
+- ``checkpoint.pt``: ``{"format": "svdfill-training/1", "state": TrainingState.to_dict()}``,
+  the resumable training state (:class:`TrainingState`), written by ``svdfill.train``
 - ``config.toml``: the effective config, loadable again with :func:`svdfill.config.load_config`
 
 Every file is written to a temporary name in the same folder, fsynced and renamed
@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ import torch
 
 from svdfill.data.durable import fsync_dir as _fsync_dir
 from svdfill.data.errors import DataError
+from svdfill.kernels.model import STATE_KEYS
 
 MODEL_FILE = "model.pt"
 SEEN_FILE = "seen.pt"
@@ -44,7 +45,6 @@ RUN_FILES = (MODEL_FILE, SEEN_FILE, CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE,
 MODEL_FORMAT = "svdfill-model/1"
 SEEN_FORMAT = "svdfill-seen/1"
 TRAINING_FORMAT = "svdfill-training/1"
-STATE_KEYS = ("user_factors", "item_factors", "user_bias", "item_bias", "global_mean")
 
 
 class CheckpointError(DataError):
@@ -185,7 +185,7 @@ def load_model(run_dir: str | os.PathLike) -> LoadedModel:
             raise CheckpointError(f"{path}: model file lacks {key!r}")
     state = obj["state"]
     _check_state(state, path)
-    from svdfill.config import ConfigError, Config, from_dict
+    from svdfill.config import ConfigError, Config, from_dict, upgrade_moved_keys
     from svdfill.data.idmap import IdMap
 
     try:
@@ -197,7 +197,8 @@ def load_model(run_dir: str | os.PathLike) -> LoadedModel:
             f"{path}: id map has {idmap.n_users} users × {idmap.n_items} items but the tables "
             f"are {tuple(state['user_factors'].shape)} and {tuple(state['item_factors'].shape)}")
     try:
-        config = from_dict(Config, obj["config"], f"{path} [config]")
+        # svdfill wrote this config: keys an earlier version kept elsewhere are mapped
+        config = from_dict(Config, upgrade_moved_keys(obj["config"]), f"{path} [config]")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     return LoadedModel(state=state, idmap=idmap, config=config, metrics=dict(obj["metrics"]),
@@ -258,24 +259,104 @@ def load_seen(run_dir: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch
 
 # -- resumable training state ---------------------------------------------------------------
 
-def save_training_state(run_dir: str | os.PathLike, state: dict) -> Path:
-    """Write ``run_dir/checkpoint.pt`` atomically. ``state`` is any tree of tensors, numbers,
-    strings, lists, tuples and dicts (model and optimizer state dicts, epoch, RNG states,
-    best-so-far weights, config dict, id map state…); tensors are saved on CPU."""
-    obj = {"format": TRAINING_FORMAT, "state": _to_cpu_tree(state)}
+@dataclass
+class BestEpoch:
+    """The best epoch so far of a selection phase.
+
+    epoch: 1-based. metrics: its validation ``{"mse", "rmse", "mae"}``. state: its five
+    model tensors (full item tables in a checkpoint, the rank's shard in memory), or
+    ``None`` when there is no validation set to pick by.
+    """
+
+    epoch: int
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor] | None = None
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "metrics": self.metrics, "state": self.state}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BestEpoch":
+        return cls(epoch=d["epoch"], metrics=d["metrics"], state=d.get("state"))
+
+
+@dataclass
+class TrainingState:
+    """What ``checkpoint.pt`` holds: everything a resumed run needs to continue as if it
+    had never stopped, with full item tables (any world size can resume it).
+
+    phase: ``"select"`` or ``"refit"``; epoch: the last epoch done (1-based).
+    model: the five model tensors (float32 ``user_factors`` [U, d], ``item_factors`` [I, d],
+    ``user_bias`` [U], ``item_bias`` [I], 0-d ``global_mean``).
+    optimizer: the optimizer state by parameter name (``{"item_factors": {"exp_avg": …}}``;
+    empty without an optimizer). solver: the solver's own tensors (the Gibbs chain) or None.
+    best: the best epoch so far; bad_epochs: epochs since it (early stopping); seconds:
+    training time so far; history: the ``metrics.jsonl`` rows so far; rng: how shuffles are
+    seeded (no generator state is carried: every epoch reseeds); world_size: of the writer.
+    extra: more plain entries kept at the top level of the file (``config``, ``idmap``,
+    ``select`` during a refit).
+    """
+
+    phase: str
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, dict[str, Any]]
+    solver: dict[str, torch.Tensor] | None
+    best: BestEpoch | None
+    bad_epochs: int
+    seconds: float
+    history: list[dict]
+    rng: dict[str, Any]
+    world_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = ("phase", "epoch", "model", "optimizer", "solver", "best", "bad_epochs",
+               "seconds", "history", "rng", "world_size")
+
+    def to_dict(self) -> dict:
+        """The plain dict stored in the file (tensors, numbers, str, lists, dicts only)."""
+        out = {k: getattr(self, k) for k in self._FIELDS}
+        out["best"] = self.best.to_dict() if self.best is not None else None
+        out["history"] = [dict(r) for r in self.history]
+        clash = set(self.extra) & set(out)
+        if clash:
+            raise ValueError(f"TrainingState.extra repeats the fields {sorted(clash)}")
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "checkpoint") -> "TrainingState":
+        missing = [k for k in ("phase", "epoch", "model", "bad_epochs", "seconds", "history")
+                   if k not in d]
+        if missing:
+            raise CheckpointError(f"{where}: training state lacks {missing}")
+        best = d.get("best")
+        return cls(phase=d["phase"], epoch=int(d["epoch"]), model=d["model"],
+                   optimizer=d.get("optimizer") or {}, solver=d.get("solver"),
+                   best=BestEpoch.from_dict(best) if best is not None else None,
+                   bad_epochs=int(d["bad_epochs"]), seconds=float(d["seconds"]),
+                   history=list(d["history"]), rng=d.get("rng") or {},
+                   world_size=int(d.get("world_size", 1)),
+                   extra={k: v for k, v in d.items() if k not in cls._FIELDS})
+
+
+def save_training_state(run_dir: str | os.PathLike, state: TrainingState) -> Path:
+    """Write ``run_dir/checkpoint.pt`` atomically (tensors saved on CPU)."""
+    obj = {"format": TRAINING_FORMAT, "state": _to_cpu_tree(state.to_dict())}
     return atomic_torch_save(_run_dir(run_dir, must_exist=False) / CHECKPOINT_FILE, obj)
 
 
-def load_training_state(run_dir: str | os.PathLike) -> dict | None:
-    """The dict given to :func:`save_training_state`, or ``None`` when the run directory
-    has no ``checkpoint.pt``. A corrupt file raises :class:`CheckpointError`."""
+def load_training_state(run_dir: str | os.PathLike) -> TrainingState | None:
+    """The state given to :func:`save_training_state`, or ``None`` when the run directory
+    has no ``checkpoint.pt``. A corrupt or foreign file raises :class:`CheckpointError`."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
     obj = _load(path, "training checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != TRAINING_FORMAT or "state" not in obj:
         raise CheckpointError(f"{path}: not an svdfill training checkpoint")
-    return obj["state"]
+    if not isinstance(obj["state"], dict):
+        raise CheckpointError(f"{path}: training state is not a dict")
+    return TrainingState.from_dict(obj["state"], str(path))
 
 
 def _to_cpu_tree(x: Any) -> Any:

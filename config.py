@@ -95,6 +95,36 @@ class ModelConfig:
 
 
 @dataclass
+class ALSConfig:
+    """Alternating least squares (``train.solver = "als"``; the Gibbs warm start too)."""
+
+    reg_exponent: float = 1.0
+    """A row with n ratings gets the factor penalty reg_factors·n^α (1 = per rating, as SGD)."""
+    bias_reg_exponent: float = 1.0
+    """Bias penalty reg_bias·n^β (0 = a fixed shrinkage, as Koren's baseline estimates)."""
+
+
+@dataclass
+class GibbsConfig:
+    """Bayesian MF by Gibbs sampling (``train.solver = "gibbs"``)."""
+
+    burn_in: int = 10
+    """Sweeps (epochs) drawn before the posterior mean starts averaging them."""
+    warm_start: int = 3
+    """ALS sweeps (with reg_factors, reg_bias and ``[train.als]``) that start the chain."""
+    beta0: float = 2.0
+    """Normal-Wishart prior strength β₀ of the factor means."""
+    w0: float = 1.0
+    """Normal-Wishart scale W₀ = w₀·I of the factor precisions."""
+    noise_precision: float = 0.0
+    """Fixed noise precision α (1/σ²); 0 = sample it."""
+    overrelax: float = -0.9
+    """Over-relaxation ρ in (−1, 1) of each draw (0 = plain Gibbs; ρ < 0 anticorrelates successive draws, so their average converges in fewer sweeps)."""
+    mean_rank: int = 0
+    """Rank kept by the running posterior mean before export at model.factors; 0 = 2·factors."""
+
+
+@dataclass
 class TrainConfig:
     """Solver, optimizer and schedule."""
 
@@ -112,24 +142,6 @@ class TrainConfig:
     """L2 weight on p_u and q_i (per rating, as in Funk/Surprise SVD)."""
     reg_bias: float = 0.01
     """L2 weight on b_u and b_i."""
-    als_reg_exponent: float = 1.0
-    """ALS only: a row with n ratings gets the factor penalty reg_factors·n^α (1 = per rating, as SGD)."""
-    als_bias_reg_exponent: float = 1.0
-    """ALS only: bias penalty reg_bias·n^β (0 = a fixed shrinkage, as Koren's baseline estimates)."""
-    burn_in: int = 10
-    """Gibbs only: sweeps (epochs) drawn before the posterior mean starts averaging them."""
-    gibbs_warm_start: int = 3
-    """Gibbs only: ALS sweeps (with reg_factors, reg_bias and the ALS exponents) that start the chain."""
-    gibbs_beta0: float = 2.0
-    """Gibbs only: Normal-Wishart prior strength β₀ of the factor means."""
-    gibbs_w0: float = 1.0
-    """Gibbs only: Normal-Wishart scale W₀ = w₀·I of the factor precisions."""
-    gibbs_noise_precision: float = 0.0
-    """Gibbs only: fixed noise precision α (1/σ²); 0 = sample it."""
-    gibbs_overrelax: float = -0.9
-    """Gibbs only: over-relaxation ρ in (−1, 1) of each draw (0 = plain Gibbs; ρ < 0 anticorrelates successive draws, so their average converges in fewer sweeps)."""
-    gibbs_mean_rank: int = 0
-    """Gibbs only: rank kept by the running posterior mean before export at model.factors; 0 = 2·factors."""
     weight_decay: float = 0.0
     """Optimizer weight decay on every parameter (the original recipe used 1e-5 with Adam)."""
     batch_size: int = 1024
@@ -150,6 +162,10 @@ class TrainConfig:
     """Write a resumable checkpoint every this many epochs."""
     metrics_sample: int = 1_000_000
     """Training ratings behind each epoch's train_* metrics: a fixed seeded sample when there are more (on a CPU all 90M of a large run cost seconds an epoch); 0 = all. The summary's train metrics use all."""
+    als: ALSConfig = field(default_factory=ALSConfig)
+    """ALS settings (``[train.als]``)."""
+    gibbs: GibbsConfig = field(default_factory=GibbsConfig)
+    """Gibbs sampler settings (``[train.gibbs]``)."""
 
 
 @dataclass
@@ -204,6 +220,45 @@ class Config:
     """Distribution."""
 
 
+MOVED_KEYS = {
+    "train.als_reg_exponent": "train.als.reg_exponent",
+    "train.als_bias_reg_exponent": "train.als.bias_reg_exponent",
+    "train.burn_in": "train.gibbs.burn_in",
+    "train.gibbs_warm_start": "train.gibbs.warm_start",
+    "train.gibbs_beta0": "train.gibbs.beta0",
+    "train.gibbs_w0": "train.gibbs.w0",
+    "train.gibbs_noise_precision": "train.gibbs.noise_precision",
+    "train.gibbs_overrelax": "train.gibbs.overrelax",
+    "train.gibbs_mean_rank": "train.gibbs.mean_rank",
+}
+"""Flat keys of earlier versions → their key now. Refused in what a person writes (a TOML
+file, an override: the message names the new key); mapped by :func:`upgrade_moved_keys` in
+what svdfill wrote itself (a run directory's ``config.toml``, a model file's config)."""
+
+
+def _moved(dotted: str, where: str) -> ConfigError:
+    return ConfigError(f"{where}: {dotted} moved to {MOVED_KEYS[dotted]}")
+
+
+def upgrade_moved_keys(raw: dict) -> dict:
+    """A copy of a nested config dict with the :data:`MOVED_KEYS` of earlier versions put
+    where they live now (a key already at its new place wins)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        node = out.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        *path, leaf = new.split(".")
+        dest = out
+        for part in path:
+            dest[part] = dict(dest.get(part) or {})
+            dest = dest[part]
+        dest.setdefault(leaf, value)
+    return out
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -223,12 +278,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, raw: dict, where: str) -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError`."""
+def from_dict(cls: type, raw: dict, where: str, *, _path: tuple[str, ...] = ()) -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError`
+    (a key of :data:`MOVED_KEYS` names its new place)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
+        dotted = ".".join(_path + (key,))
+        if dotted in MOVED_KEYS:
+            raise _moved(dotted, where)
         if key not in names:
             raise ConfigError(
                 f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})"
@@ -237,7 +296,7 @@ def from_dict(cls: type, raw: dict, where: str) -> Any:
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a table")
-            kwargs[key] = from_dict(tp, value, f"{where}.{key}")
+            kwargs[key] = from_dict(tp, value, f"{where}.{key}", _path=_path + (key,))
         else:
             kwargs[key] = _coerce(value, tp, f"{where}.{key}")
     return cls(**kwargs)
@@ -277,10 +336,12 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     return alt if alt.exists() else p
 
 
-def load_config(path: str | os.PathLike | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, *, upgrade: bool = False) -> Config:
     """Load a TOML config (a path or a built-in preset name); ``None`` gives the defaults.
 
     Relative ``data.path`` values are kept as written; :func:`resolve_data_path` finds them.
+    ``upgrade``: map the :data:`MOVED_KEYS` of earlier versions instead of refusing them
+    (for a ``config.toml`` svdfill wrote into a run directory).
     """
     if path is None:
         return Config()
@@ -290,7 +351,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    cfg = from_dict(Config, raw, str(p))
+    cfg = from_dict(Config, upgrade_moved_keys(raw) if upgrade else raw, str(p))
     validate(cfg, str(p))
     return cfg
 
@@ -301,6 +362,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "comman
     for key, value in overrides.items():
         if value is None:
             continue
+        if key in MOVED_KEYS:
+            raise _moved(key, where)
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -345,15 +408,15 @@ def validate(cfg: Config, where: str) -> None:
         ("train.metrics_sample", cfg.train.metrics_sample >= 0),
         ("train.reg_factors", cfg.train.reg_factors >= 0),
         ("train.reg_bias", cfg.train.reg_bias >= 0),
-        ("train.als_reg_exponent", 0.0 <= cfg.train.als_reg_exponent <= 2.0),
-        ("train.als_bias_reg_exponent", 0.0 <= cfg.train.als_bias_reg_exponent <= 2.0),
-        ("train.burn_in", cfg.train.burn_in >= 0),
-        ("train.gibbs_warm_start", cfg.train.gibbs_warm_start >= 0),
-        ("train.gibbs_beta0", cfg.train.gibbs_beta0 > 0),
-        ("train.gibbs_w0", cfg.train.gibbs_w0 > 0),
-        ("train.gibbs_noise_precision", cfg.train.gibbs_noise_precision >= 0),
-        ("train.gibbs_mean_rank", cfg.train.gibbs_mean_rank >= 0),
-        ("train.gibbs_overrelax", -1.0 < cfg.train.gibbs_overrelax < 1.0),
+        ("train.als.reg_exponent", 0.0 <= cfg.train.als.reg_exponent <= 2.0),
+        ("train.als.bias_reg_exponent", 0.0 <= cfg.train.als.bias_reg_exponent <= 2.0),
+        ("train.gibbs.burn_in", cfg.train.gibbs.burn_in >= 0),
+        ("train.gibbs.warm_start", cfg.train.gibbs.warm_start >= 0),
+        ("train.gibbs.beta0", cfg.train.gibbs.beta0 > 0),
+        ("train.gibbs.w0", cfg.train.gibbs.w0 > 0),
+        ("train.gibbs.noise_precision", cfg.train.gibbs.noise_precision >= 0),
+        ("train.gibbs.mean_rank", cfg.train.gibbs.mean_rank >= 0),
+        ("train.gibbs.overrelax", -1.0 < cfg.train.gibbs.overrelax < 1.0),
         ("fill.k", cfg.fill.k >= 1),
         ("dist.num_workers", cfg.dist.num_workers >= 1),
         ("dist.threads_per_worker", cfg.dist.threads_per_worker >= 0),

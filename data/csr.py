@@ -10,12 +10,6 @@ import numpy as np
 import torch
 
 
-def _as_long(x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.int64)
-    return torch.as_tensor(np.asarray(x), dtype=torch.int64)
-
-
 def _as_int(x: Any) -> torch.Tensor:
     """A 1-D integer tensor, on the device and in the dtype it has (numpy arrays: the CPU)."""
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
@@ -153,25 +147,3 @@ def _csr_from_keys(key: torch.Tensor, n_users: int, shift: int) -> tuple[torch.T
     indptr = torch.searchsorted(key, starts)
     indices = (key & ((1 << shift) - 1)).to(torch.int32)
     return indptr.cpu(), indices.cpu()
-
-
-def csr_row(indptr: torch.Tensor, indices: torch.Tensor, user: int) -> torch.Tensor:
-    """Items (int32, ascending) seen by ``user``."""
-    return indices[int(indptr[user]):int(indptr[user + 1])]
-
-
-def csr_contains(indptr: torch.Tensor, indices: torch.Tensor, users: Any, items: Any) -> torch.Tensor:
-    """bool [n]: whether each (user, item) pair is in the CSR (binary search per row,
-    vectorized over pairs)."""
-    u, i = _as_long(users).reshape(-1), _as_long(items).reshape(-1)
-    lo, hi = indptr[u], indptr[u + 1]
-    # global search: rows are sorted, so key (u, i) maps to a sorted 1-D sequence
-    width = int(max(int(indices.max()) + 1 if indices.numel() else 1, int(i.max()) + 1 if i.numel() else 1))
-    row_of = torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr[1:] - indptr[:-1])
-    flat = row_of * width + indices.long()
-    q = u * width + i
-    pos = torch.searchsorted(flat, q)
-    hit = pos < flat.numel()
-    out = torch.zeros_like(hit)
-    out[hit] = flat[pos[hit]] == q[hit]
-    return out & (pos >= lo) & (pos < hi)

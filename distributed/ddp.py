@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-ITEM_PARAMS = ("item_factors", "item_bias")
-USER_PARAMS = ("user_factors", "user_bias")
+from svdfill.kernels.model import ITEM_PARAMS, USER_PARAMS
 
 
 class _UserSyncView(nn.Module):

@@ -33,6 +33,24 @@ def gather_rows(t: torch.Tensor, shards: list[tuple[int, int]], rank: int,
     return None
 
 
+def gather_lists(scores: torch.Tensor, items: torch.Tensor, world_size: int, rank: int,
+                 comm_device: torch.device, dst: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every rank's ``(scores, items)`` top-k list of the same B users, in rank order, on
+    rank ``dst`` (on ``comm_device``; ``None`` elsewhere). ``scores`` float32 [B, k],
+    ``items`` int64 [B, k] global item ids, the same shape on every rank."""
+    s = scores.detach().to(comm_device).contiguous()
+    i = items.detach().to(comm_device, torch.int64).contiguous()
+    if rank == dst:
+        ss = [torch.empty_like(s) for _ in range(world_size)]
+        ii = [torch.empty_like(i) for _ in range(world_size)]
+        dist.gather(s, gather_list=ss, dst=dst)
+        dist.gather(i, gather_list=ii, dst=dst)
+        return list(zip(ss, ii))
+    dist.gather(s, dst=dst)
+    dist.gather(i, dst=dst)
+    return None
+
+
 def gather_topk(scores: torch.Tensor, items: torch.Tensor, world_size: int, rank: int,
                 comm_device: torch.device, dst: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The top-k over all shards, on rank ``dst`` (``None`` elsewhere).
@@ -43,14 +61,5 @@ def gather_topk(scores: torch.Tensor, items: torch.Tensor, world_size: int, rank
     """
     from svdfill.kernels.fill import merge_topk
 
-    s = scores.detach().to(comm_device).contiguous()
-    i = items.detach().to(comm_device, torch.int64).contiguous()
-    if rank == dst:
-        ss = [torch.empty_like(s) for _ in range(world_size)]
-        ii = [torch.empty_like(i) for _ in range(world_size)]
-        dist.gather(s, gather_list=ss, dst=dst)
-        dist.gather(i, gather_list=ii, dst=dst)
-        return merge_topk(list(zip(ss, ii)))
-    dist.gather(s, dst=dst)
-    dist.gather(i, dst=dst)
-    return None
+    parts = gather_lists(scores, items, world_size, rank, comm_device, dst)
+    return None if parts is None else merge_topk(parts)

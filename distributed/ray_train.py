@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
+from svdfill.checkpoint import CHECKPOINT_FILE
 from svdfill.distributed.world import DistWorld, core_share
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 _RESUMED_FROM_EPOCH = 0
 """Set by :func:`restore_checkpoint` in this worker process (a restarted group is new processes)."""
@@ -101,7 +100,8 @@ def restore_checkpoint(run_dir, world: RayTrainWorld) -> bool:
             if src.exists() and world.is_main:
                 ck.atomic_write(Path(run_dir) / CHECKPOINT_FILE,
                                 lambda tmp: shutil.copyfile(src, tmp))
-                ckpt_epoch = (ck.load_training_state(run_dir) or {}).get("epoch")
+                state = ck.load_training_state(run_dir)
+                ckpt_epoch = state.epoch if state is not None else None
         epoch = world.broadcast_object(ckpt_epoch)
         global _RESUMED_FROM_EPOCH
         _RESUMED_FROM_EPOCH = int(epoch or 0)

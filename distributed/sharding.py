@@ -102,12 +102,6 @@ def even_shards(n_items: int, world_size: int) -> list[tuple[int, int]]:
     return balanced_shards(np.ones(n_items, dtype=np.int64), world_size)
 
 
-def shard_of_items(items: torch.Tensor, shards: list[tuple[int, int]]) -> torch.Tensor:
-    """Shard index int64 [n] of each global item id in ``items`` (int [n])."""
-    bounds = torch.tensor([hi for _, hi in shards[:-1]], dtype=torch.int64, device=items.device)
-    return torch.bucketize(items.to(torch.int64), bounds, right=True)
-
-
 def item_counts(items: torch.Tensor, n_items: int) -> torch.Tensor:
     """Ratings per item: int64 [n_items] from item ids int [n]."""
     return torch.bincount(items.to(torch.int64).cpu(), minlength=n_items)
@@ -117,11 +111,27 @@ def select_shard(ratings, lo: int, hi: int):
     """The ratings of items ``[lo, hi)`` with item ids made local (``item - lo``).
 
     ``ratings`` is a :class:`svdfill.data.dataset.Ratings`; the result keeps ``n_users`` and
-    has ``n_items = hi - lo``, order preserved (so the result is deterministic).
+    has ``n_items = hi - lo``, order preserved (so the result is deterministic). The whole
+    catalogue (``lo = 0``, ``hi = n_items``) gives ``ratings`` itself, no copy: one process
+    trains on its ratings as they are.
     """
     from svdfill.data.dataset import Ratings
 
+    if lo == 0 and hi == ratings.n_items:
+        return ratings
     items = ratings.items
     idx = torch.nonzero((items >= lo) & (items < hi), as_tuple=False).squeeze(1)
     return Ratings(ratings.users[idx], (items[idx] - lo).to(items.dtype), ratings.ratings[idx],
                    ratings.n_users, hi - lo)
+
+
+def shard_by_rating_counts(world, train):
+    """``reshard`` hook of :func:`svdfill.train.run_training`: give every rank its item
+    shard, balanced by the training ratings per item (same on every rank). A one-process
+    world is returned as is."""
+    from svdfill.distributed.world import DistWorld
+
+    if not isinstance(world, DistWorld):
+        return world
+    return world.with_shards(balanced_shards(item_counts(train.items, train.n_items),
+                                             world.world_size))

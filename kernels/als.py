@@ -43,7 +43,34 @@ import numpy as np
 import torch
 
 DEFAULT_BUDGET_ELEMENTS = 1 << 24
-"""Default cap on the elements of one chunk's gathered features (64 MiB of float32)."""
+"""Default cap on the elements of one chunk's gathered features (64 MiB of float32): the
+budget on CPU (sized for its caches), and the user-block size of item-sharded sweeps on
+every device (ranks must cut the same blocks)."""
+
+MAX_CUDA_BUDGET_ELEMENTS = 1 << 28
+"""Upper end of the CUDA default (1 GiB of gathered float32 features per chunk)."""
+
+_DEVICE_BUDGET: dict[str, int] = {}
+
+
+def default_budget_elements(device: torch.device | str) -> int:
+    """The chunk budget (elements) when ``budget_elements`` is not given: on CPU
+    :data:`DEFAULT_BUDGET_ELEMENTS` (cache-sized; CPU results do not depend on the device
+    memory). On CUDA a sixteenth of the free memory at the first call (a chunk's gather,
+    targets and Grams take about three budgets of float32), between the CPU budget and
+    :data:`MAX_CUDA_BUDGET_ELEMENTS`: fewer, larger chunks, each with its host syncs.
+    Cached per device, so every sweep of a run reuses one plan."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_BUDGET_ELEMENTS
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _DEVICE_BUDGET:
+        free, _ = torch.cuda.mem_get_info(device)
+        _DEVICE_BUDGET[key] = int(min(MAX_CUDA_BUDGET_ELEMENTS,
+                                      max(DEFAULT_BUDGET_ELEMENTS, free // 4 // 16)))
+    return _DEVICE_BUDGET[key]
 
 _PAD_RATIO = 1.25
 """Rows of one chunk have counts within this ratio, so padding wastes at most ~20%."""
@@ -86,11 +113,13 @@ def als_sweep(
         bias_reg_exponent: β in the bias penalty ``λ_b · n^β`` (1 = per rating, 0 = a fixed
             shrinkage of every bias by ``λ_b`` as in Koren's baseline estimates).
         budget_elements: cap on the elements of one chunk's gathered features; ``None`` uses
-            :data:`DEFAULT_BUDGET_ELEMENTS`.
+            :func:`default_budget_elements` of the model's device (CPU:
+            :data:`DEFAULT_BUDGET_ELEMENTS`).
         user_sum: for an item-sharded world, an in-place sum over the ranks (e.g.
             ``World.all_reduce_sum``) of a float tensor; every rank must call ``als_sweep``
-            with the same ``n_users``, ``d`` and budget (the user blocks pair up), and then
-            holds the same user rows. ``None``: the ratings are all there is.
+            with the same ``n_users``, ``d`` and ``budget_elements`` (the user blocks pair
+            up; ``None`` cuts them by :data:`DEFAULT_BUDGET_ELEMENTS` on every device), and
+            then holds the same user rows. ``None``: the ratings are all there is.
         user_counts: with ``user_sum``, each user's rating count over all ranks, ``[U]``
             (any dtype); it weighs the user penalties and says which users have ratings.
 
@@ -111,14 +140,14 @@ def als_sweep(
                          f"{reg_exponent}, {bias_reg_exponent}")
     if users.numel() == 0 and user_sum is None:
         return
-    budget = DEFAULT_BUDGET_ELEMENTS if budget_elements is None else int(budget_elements)
-    if budget < 1:
-        raise ValueError(f"als_sweep: budget_elements must be >= 1, got {budget}")
+    if budget_elements is not None and int(budget_elements) < 1:
+        raise ValueError(f"als_sweep: budget_elements must be >= 1, got {int(budget_elements)}")
     if (user_sum is None) != (user_counts is None):
         raise ValueError("als_sweep: user_sum and user_counts go together")
     uf, itf = model.user_factors.data, model.item_factors.data
     ub, ib = model.user_bias.data, model.item_bias.data
     dev, dtype = uf.device, uf.dtype
+    budget = default_budget_elements(dev) if budget_elements is None else int(budget_elements)
     n_users, n_items, d = uf.shape[0], itf.shape[0], uf.shape[1]
     plan = rating_plan(users, items, n_users, n_items, d + 1, dev, budget)
     centered = ratings.to(dev, dtype) - model.global_mean.to(dev, dtype)
@@ -131,7 +160,9 @@ def als_sweep(
         if user_counts.shape != (n_users,):
             raise ValueError(f"als_sweep: user_counts must be [{n_users}], got "
                              f"{tuple(user_counts.shape)}")
-        blocks = user_blocks(plan, users, items, n_users, d + 1, dev, budget)
+        # the block cut is a collective's shape: the same on every rank, whatever its memory
+        agreed = DEFAULT_BUDGET_ELEMENTS if budget_elements is None else budget
+        blocks = user_blocks(plan, users, items, n_users, d + 1, dev, budget, block_budget=agreed)
         _solve_users_summed(uf, ub, itf, ib, centered, blocks, reg, budget, user_sum,
                             user_counts.to(dev, dtype))
     _solve_side(itf, ib, uf, ub, centered, plan.item_side, reg, budget)
@@ -205,15 +236,17 @@ def user_block_rows(k: int, budget: int) -> int:
 
 
 def user_blocks(plan: _Plan, users: torch.Tensor, items: torch.Tensor, n_users: int, k: int,
-                dev: torch.device, budget: int) -> list[tuple[int, int, _Side]]:
+                dev: torch.device, budget: int, *, block_budget: int | None = None
+                ) -> list[tuple[int, int, _Side]]:
     """``(lo, hi, side)`` for consecutive user-id blocks covering ``[0, n_users)`` —
-    :func:`user_block_rows` users each, the last one ragged — where ``side`` holds this
-    rank's ratings of users ``lo..hi-1`` (rows made block-local, positions still into the
-    whole ratings); built once per plan."""
+    :func:`user_block_rows` users each (of ``block_budget``, default ``budget``; it must be
+    the same on every rank), the last one ragged — where ``side`` holds this rank's ratings
+    of users ``lo..hi-1`` (rows made block-local, positions still into the whole ratings,
+    chunked by ``budget``); built once per plan."""
     if plan.user_blocks is None:
         u = users.to(dev, torch.int64)
         i = items.to(dev, torch.int64)
-        step = user_block_rows(k, budget)
+        step = user_block_rows(k, budget if block_budget is None else block_budget)
         blocks = []
         for lo in range(0, n_users, step):
             hi = min(n_users, lo + step)
@@ -427,8 +460,13 @@ def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     x = torch.cholesky_solve(b, chol)
     bad = info != 0
-    if bool(bad.any()):
+    # one host sync for both checks (on CUDA each costs a round trip per chunk): any failed
+    # Cholesky, and any non-finite solution among the rows that did not fail
+    finite = torch.isfinite(x).flatten(1).all(1)
+    any_bad, any_nonfinite = torch.stack([bad.any(), (~finite & ~bad).any()]).tolist()
+    if any_bad:
         x[bad] = torch.linalg.pinv(a[bad], hermitian=True) @ b[bad]
-    if not bool(torch.isfinite(x).all()):
+        any_nonfinite = any_nonfinite or not bool(torch.isfinite(x[bad]).all())
+    if any_nonfinite:
         raise FloatingPointError("als_sweep: non-finite solution (NaN/inf in ratings or factors?)")
     return x

@@ -16,11 +16,16 @@ arbitrarily, so each tile asks it for k + 1 *sorted* values: a row whose k + 1 v
 no equal neighbours is exact as it stands; rows with a tie are redone on composite int64
 keys (order-preserving bits of the float32 score, then the reversed column), which are
 unique. Wide tiles first keep only the k + 1 groups of columns with the largest maxima
-(see :func:`_tile_topk`), which cuts the top-k work about threefold on 3,000 items and
+(see :func:`svdfill.kernels.topk.tile_topk`), which cuts the top-k work about threefold on 3,000 items and
 much more on 10^6. With float32 compute the result is therefore the exact ranking of the
 float32 scores; whenever those are exact (e.g. dyadic inputs) it equals the float64
 brute-force reference bit for bit. Tiles are merged with one stable sort (earlier tiles
 hold lower ids), shards with :func:`merge_topk`.
+
+Which fill runs (:func:`fill_topk` is the one entry point of both): on CUDA,
+:func:`svdfill.kernels.dispatch.fill_kernel` decides between the fused Triton kernel
+(:mod:`svdfill.kernels.triton_fill`) and these torch tiles; the tie rule and the CSR helpers
+both use live in :mod:`svdfill.kernels.topk`.
 
 Compute dtypes (``dtype``):
   * ``None`` / ``"float32"``: float32 GEMM (on CUDA with TF32 switched off for the call).
@@ -34,13 +39,16 @@ Compute dtypes (``dtype``):
 
 from __future__ import annotations
 
-import os
-from typing import Sequence
-
 import torch
 
+from svdfill.kernels import dispatch
+from svdfill.kernels.topk import (CSR, csr_slice, csr_take, merge_topk, seen_by_tile,
+                                  tile_topk)
+
 Tensor = torch.Tensor
-CSR = tuple[Tensor, Tensor]
+
+__all__ = ["fill_topk", "merge_topk", "score_dense", "csr_take", "csr_slice", "tile_sizes",
+           "device_dtype", "DEFAULT_CPU_BUDGET", "BYTES_PER_CELL"]
 
 DEFAULT_CPU_BUDGET = 256 * 2**20
 """Bytes of score tiles on CPU when no ``memory_budget`` is given."""
@@ -50,154 +58,6 @@ BYTES_PER_CELL = 16
 and, for tied rows, the int64 composite keys."""
 
 _MAX_ITEM_TILE = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------
-# ordering helpers: (score desc, item asc), -inf/-1 padding last
-# ---------------------------------------------------------------------------------------
-
-def _order_by_score_then_item(scores: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by score descending, ties by item ascending; item −1 (padding) last.
-
-    scores float32 [R, C], items int64 [R, C] -> both [R, C] reordered.
-    """
-    if scores.shape[1] <= 1:
-        return scores, items
-    if items.numel() == 0 or int(items.max()) < 0xFFFFFFFF:
-        # one sort on unique composite keys: float order high, reversed item id low
-        # (padding −1 becomes 0xFFFFFFFF, i.e. the lowest low word: last among equal scores)
-        low = 0xFFFFFFFF - torch.where(items < 0, 0xFFFFFFFF, items)
-        _, perm = torch.sort((_ordered_float_bits(scores) << 32) + low, dim=1, descending=True)
-        return torch.gather(scores, 1, perm), torch.gather(items, 1, perm)
-    key = torch.where(items < 0, torch.iinfo(torch.int64).max, items)
-    key, perm = torch.sort(key, dim=1, stable=True)
-    scores = torch.gather(scores, 1, perm)
-    items = torch.gather(items, 1, perm)
-    _, perm = torch.sort(scores, dim=1, descending=True, stable=True)
-    return torch.gather(scores, 1, perm), torch.gather(items, 1, perm)
-
-
-def _ordered_float_bits(x: Tensor) -> Tensor:
-    """int64 keys that sort like the float32 values ``x`` (−0.0 folded onto +0.0)."""
-    bits = (x + 0.0).view(torch.int32)  # x + 0.0 turns -0.0 into +0.0: they compare equal
-    # negative floats order backwards: flip their magnitude bits (no shifts: slow on CPU)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-
-
-def _exact_topk_cols(tile: Tensor, k: int, col_ids: Tensor | None = None) -> Tensor:
-    """Positions of the k largest values per row, ties to the lower column: int64 [R, k].
-
-    ``col_ids`` [R, n] (default: the position) are the column ids that break ties. Uses
-    unique composite keys (float order in the high 32 bits, reversed column in the low 32
-    bits), so ``topk`` has no choice left to make.
-    """
-    if col_ids is None:
-        col_ids = torch.arange(tile.shape[1], device=tile.device, dtype=torch.int64)
-    keys = (_ordered_float_bits(tile) << 32) + (0xFFFFFFFF - col_ids)
-    _, idx = torch.topk(keys, k, dim=1, sorted=False)
-    return idx
-
-
-def _group_size(n: int, k: int) -> int:
-    """Group width for the max-of-groups prefilter, or 0 when it would not pay off.
-
-    Work ≈ n/4 (group maxima, one vectorized pass) + n/g (top-(k+1) of the maxima) +
-    1.2·(k+1)·g (gather and top-k of the candidates), against n for a plain top-k."""
-    best, best_cost = 0, 0.8 * n
-    for g in (4, 8, 16, 32, 64, 128, 256):
-        if n // g < k + 2:
-            break
-        cost = n / 4 + n / g + 1.2 * (k + 1) * g + n % g
-        if cost < best_cost:
-            best, best_cost = g, cost
-    return best
-
-
-def _exact_rows(tile: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Ordered exact top-k of every row of ``tile`` [R, n] (k <= n) on unique keys."""
-    cols = _exact_topk_cols(tile, k)
-    return _order_by_score_then_item(torch.gather(tile, 1, cols), cols)
-
-
-def _tile_topk(tile: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of each row of ``tile`` [R, T], ordered by (value desc, column asc):
-    (values float32 [R, k'], columns int64 [R, k']) with k' = min(k, T).
-
-    ``torch.topk`` orders a tied group arbitrarily and may cut it anywhere, so it is asked
-    for k+1 sorted values: when no two neighbours among them are equal, the first k are
-    the answer in the right order; rows with a tie (finite values only) are redone on
-    unique (value, column) keys over the whole row (rare for real scores, common in the
-    tie tests).
-
-    Prefilter (wide rows): cut the row into G = T // g groups (group j = columns j, j+G,
-    j+2G, …, so the maxima are one strided reduction) and keep the k+1 groups with the
-    largest maxima; let τ be the smallest of those maxima. Every value > τ lies in a kept
-    group, so the kept groups (plus the ragged tail) hold the row's top-k unless a value
-    equal to τ in a dropped group could win a tie at the k-th place. That needs the k-th
-    candidate to equal τ; but the k+1 kept maxima are all candidates >= τ, so then the
-    (k+1)-th candidate equals τ too, and the boundary-tie check above redoes the row.
-    """
-    n = tile.shape[1]
-    rows = tile.shape[0]
-    if k >= n:
-        cols = torch.arange(n, device=tile.device, dtype=torch.int64).expand(rows, n)
-        return _order_by_score_then_item(tile, cols)
-    g = _group_size(n, k) if rows else 0
-    if g:
-        G = n // g
-        gmax = tile[:, : G * g].unflatten(1, (g, G)).amax(1)  # [R, G]
-        _, gsel = torch.topk(gmax, k + 1, dim=1, sorted=False)
-        offs = torch.arange(g, device=tile.device).mul_(G)
-        cand_cols = (offs.view(1, g, 1) + gsel.unsqueeze(1)).flatten(1)  # [R, g·(k+1)]
-        if G * g < n:
-            tail = torch.arange(G * g, n, device=tile.device).expand(rows, n - G * g)
-            cand_cols = torch.cat([cand_cols, tail], 1)
-        vals, pos = torch.topk(torch.gather(tile, 1, cand_cols), k + 1, dim=1, sorted=True)
-        cols = torch.gather(cand_cols, 1, pos)
-    else:
-        vals, cols = torch.topk(tile, k + 1, dim=1, sorted=True)
-    # sorted by value; only equal neighbours can be out of item order or cut at the
-    # boundary. -inf pairs give NaN here and are ignored: -inf entries become padding.
-    redo = ((vals[:, :-1] - vals[:, 1:]) == 0).any(1).nonzero().flatten()
-    vals, cols = vals[:, :k], cols[:, :k]
-    if redo.numel():
-        v2, c2 = _exact_rows(tile.index_select(0, redo), k)
-        vals = vals.index_copy(0, redo, v2)
-        cols = cols.index_copy(0, redo, c2)
-    return vals, cols
-
-
-# ---------------------------------------------------------------------------------------
-# CSR helpers
-# ---------------------------------------------------------------------------------------
-
-def csr_rows(indptr: Tensor, indices: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """(row within the block, column) int64 of every stored entry of rows ``[lo, hi)``."""
-    a, b = int(indptr[lo]), int(indptr[hi])
-    counts = (indptr[lo + 1 : hi + 1] - indptr[lo:hi]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(hi - lo, dtype=torch.int64, device=counts.device), counts)
-    return rows, indices[a:b].to(torch.int64)
-
-
-def csr_take(indptr: Tensor, indices: Tensor, rows: Tensor) -> CSR:
-    """The CSR of the given rows, in the given order: (indptr int64 [len(rows)+1], indices)."""
-    rows = rows.to(torch.int64)
-    starts = indptr[rows].to(torch.int64)
-    counts = indptr[rows + 1].to(torch.int64) - starts
-    new_ptr = torch.zeros(rows.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=new_ptr[1:])
-    nnz = int(new_ptr[-1])
-    # position of each output entry in the old indices: start of its row + offset within it
-    row_of = torch.repeat_interleave(torch.arange(rows.numel()), counts)
-    offs = torch.arange(nnz, dtype=torch.int64) - new_ptr[:-1][row_of]
-    return new_ptr, indices[starts[row_of] + offs]
-
-
-def csr_slice(indptr: Tensor, indices: Tensor, lo: int, hi: int) -> CSR:
-    """The CSR of rows ``lo..hi-1`` (a contiguous block of users): indptr rebased to 0,
-    indices a view; on the inputs' device."""
-    a, b = int(indptr[lo]), int(indptr[hi])
-    return indptr[lo : hi + 1] - a, indices[a:b]
 
 
 def _check_inputs(user_factors, item_factors, user_bias, item_bias, seen) -> None:
@@ -260,21 +120,37 @@ def _compute_dtype(dtype) -> str:
 
 
 class _MatmulPrecision:
-    """Sets CUDA TF32 for the duration of a call, restoring it afterwards."""
+    """Sets the CUDA matmul FP32 precision (TF32 or IEEE) for the duration of a call and
+    restores the previous setting afterwards.
+
+    Uses ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (2.9+): reading
+    the legacy ``allow_tf32`` flag raises once anything in the process used the new API
+    (torch 2.13). The legacy flag only on a torch without it.
+    """
 
     def __init__(self, device: torch.device, mode: str):
         self.on = device.type == "cuda"
         self.allow = mode == "tf32"
+        self.new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
     def __enter__(self):
         if self.on:
-            self.prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = self.allow
+            m = torch.backends.cuda.matmul
+            if self.new_api:
+                self.prev = m.fp32_precision
+                m.fp32_precision = "tf32" if self.allow else "ieee"
+            else:  # pragma: no cover - torch < 2.9
+                self.prev = m.allow_tf32
+                m.allow_tf32 = self.allow
         return self
 
     def __exit__(self, *exc):
         if self.on:
-            torch.backends.cuda.matmul.allow_tf32 = self.prev
+            m = torch.backends.cuda.matmul
+            if self.new_api:
+                m.fp32_precision = self.prev
+            else:  # pragma: no cover - torch < 2.9
+                m.allow_tf32 = self.prev
 
 
 def _augment(factors: Tensor, last: Tensor, dtype: str) -> Tensor:
@@ -302,116 +178,6 @@ def _scores(pu: Tensor, qi_t: Tensor) -> Tensor:
             _MM_OUT_DTYPE[dev] = False
     # bf16 values are exact in float32: the same products and fp32 sums, at fp32 speed
     return pu.to(torch.float32) @ qi_t.to(torch.float32)
-
-
-def _seen_by_tile(rows: Tensor, cols: Tensor, tile: int, n_tiles: int):
-    """Group a block's seen entries by item tile: (rows, cols, bounds) sorted by tile."""
-    if n_tiles == 1:
-        return rows, cols, [0, rows.numel()]
-    t = cols // tile
-    order = torch.argsort(t, stable=True)
-    rows, cols = rows[order], cols[order]
-    counts = torch.bincount(t, minlength=n_tiles)
-    bounds = [0] + torch.cumsum(counts, 0).tolist()
-    return rows, cols, bounds
-
-
-def _triton_impl(device: torch.device):
-    """The fused Triton fill for CUDA tensors unless ``SVDFILL_FILL_KERNEL=torch``, when
-    importable; None otherwise (the torch tiles run)."""
-    if device.type != "cuda" or _kernel_setting() == "torch":
-        return None
-    try:
-        from svdfill.kernels.triton_fill import fill_topk_triton
-        from svdfill.kernels.triton_util import triton_mode
-    except ImportError:
-        return None
-    # no usable triton (absent, or too old to compile it right): the tiles, without a trial
-    return fill_topk_triton if triton_mode(device) is not None else None
-
-
-def _kernel_setting() -> str:
-    """``SVDFILL_FILL_KERNEL``: auto (default) | torch | triton."""
-    v = os.environ.get("SVDFILL_FILL_KERNEL", "auto").strip().lower() or "auto"
-    if v not in ("auto", "torch", "triton"):
-        raise ValueError(f"SVDFILL_FILL_KERNEL must be auto, torch or triton, got {v!r}")
-    return v
-
-
-AUTO_TRIAL_USERS = 8192
-"""Users of the trial block on which ``auto`` times the fused kernel against the tiles."""
-AUTO_MIN_USERS = 1024
-"""Calls with fewer users take the torch tiles without a trial (nothing to win there)."""
-
-_CHOICES: dict[tuple, dict] = {}
-
-
-def kernel_choices() -> dict[tuple, dict]:
-    """The ``auto`` decisions made in this process: ``{(device, d, k, mode, has_seen):
-    {"kernel", "torch_s", "triton_s", "reason"}}`` (what ``svdfill bench`` and logs print)."""
-    return dict(_CHOICES)
-
-
-AUTO_TOLERANCE = {"float32": 1e-5, "tf32": 2.0**-9, "bfloat16": 2.0**-6}
-"""How far (relative to the largest |score|) the two kernels' score lists may differ on the
-trial: the fp32 accumulation orders differ, and with bf16 the tiles round the GEMM output to
-bf16 while the fused kernel keeps fp32. A wrong mask, bias or row is off by far more."""
-
-
-def _pick_kernel(key: tuple, trial: int, run_tiles, run_fused, *, rel_tol: float) -> str:
-    """``auto``: time the fused kernel against the torch tiles once per ``key`` on a trial
-    block and keep the faster; if the fused one fails or disagrees, the tiles.
-
-    ``run_tiles()`` / ``run_fused()`` ``-> ((scores, items), seconds)`` run each on the
-    trial block. An error of the tiles propagates (they are the answer either way); one of
-    the fused kernel only rules it out. The two agree when their -inf (padding) positions
-    are equal and their score lists (each sorted descending, so order statistics) are
-    within ``rel_tol`` of the largest |score|; items may trade places at near-ties, as the
-    module docstring allows.
-    """
-    import warnings
-
-    got = _CHOICES.get(key)
-    if got is not None:
-        return got["kernel"]
-    (t_s, _), torch_s = run_tiles()
-    try:
-        (f_s, _), fused_s = run_fused()
-    except Exception as e:  # a compile or launch failure: the tiles still give the answer
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        warnings.warn(f"svdfill fill: the fused Triton fill failed its trial ({type(e).__name__}: "
-                      f"{first}); using the torch tiles")
-        _CHOICES[key] = {"kernel": "torch", "torch_s": torch_s, "triton_s": None,
-                         "reason": f"fused failed: {type(e).__name__}"}
-        return "torch"
-    fin = torch.isfinite(t_s)
-    scale = max(1.0, float(t_s[fin].abs().max())) if bool(fin.any()) else 1.0
-    agree = torch.equal(torch.isneginf(t_s), torch.isneginf(f_s)) and bool(
-        ((t_s - f_s)[fin].abs() <= rel_tol * scale).all())
-    if not agree:
-        warnings.warn("svdfill fill: the fused Triton fill disagreed with the torch tiles on its "
-                      "trial block; using the torch tiles")
-        choice, reason = "torch", "fused disagreed"
-    else:
-        choice = "triton" if fused_s < torch_s else "torch"
-        reason = f"faster on a {trial}-user trial"
-    _CHOICES[key] = {"kernel": choice, "torch_s": torch_s, "triton_s": fused_s, "reason": reason}
-    return choice
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device):
-    import time
-
-    _sync(device)
-    t = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t
 
 
 def fill_topk(
@@ -449,9 +215,10 @@ def fill_topk(
     On CUDA (no explicit tile sizes) the fused Triton kernel
     (:mod:`svdfill.kernels.triton_fill`, same contract) is used where it is faster: with
     ``SVDFILL_FILL_KERNEL=auto`` (default) the first call per (device, d, k, dtype, seen or
-    not) times both on a trial block of its first :data:`AUTO_TRIAL_USERS` users and keeps
-    the faster (the tiles if the kernel fails or its scores disagree beyond
-    :data:`AUTO_TOLERANCE`: see :func:`kernel_choices`); ``torch`` / ``triton`` force one.
+    not) times both on a trial block of its first ``dispatch.AUTO_TRIAL_USERS`` users and
+    keeps the faster (the tiles if the kernel fails or its scores disagree beyond
+    ``dispatch.AUTO_TOLERANCE``: see :func:`svdfill.kernels.dispatch.kernel_choices`);
+    ``torch`` / ``triton`` force one. The decision is :mod:`svdfill.kernels.dispatch`'s.
 
     Returns:
         ``(scores float32 [U, k], items int64 [U, k])`` on the input device, each row by
@@ -466,15 +233,10 @@ def fill_topk(
     n_users = user_factors.shape[0]
     opts = dict(item_offset=item_offset, dtype=dtype, memory_budget=memory_budget)
 
-    # ---- dispatch point: fused Triton kernel on CUDA (svdfill.kernels.triton_fill) ----
+    # ---- dispatch point: fused Triton kernel on CUDA (svdfill.kernels.dispatch) ----
     if user_block is None and item_tile is None:
-        fused = _triton_impl(device)
-        setting = _kernel_setting() if fused is not None else "torch"
-        if setting == "auto" and n_users >= AUTO_MIN_USERS:
-            key = (str(device), user_factors.shape[1], k, mode, seen is not None)
-            n = min(n_users, AUTO_TRIAL_USERS)
+        def make_trial(n: int, fused):
             part = None if seen is None else csr_slice(seen[0], seen[1], 0, n)
-
             trial = (user_factors[:n], item_factors, user_bias[:n], item_bias, global_mean, k, part)
 
             def tiles():
@@ -483,14 +245,17 @@ def fill_topk(
 
             def run_tiles():
                 tiles()  # cuBLAS handles, first-use kernels, the allocator: not timed
-                return _timed(tiles, device)
+                return dispatch.timed(tiles, device)
 
             def run_fused():
                 fused(*trial, **opts)  # compiles the variant: not timed either
-                return _timed(lambda: fused(*trial, **opts), device)
+                return dispatch.timed(lambda: fused(*trial, **opts), device)
 
-            setting = _pick_kernel(key, n, run_tiles, run_fused, rel_tol=AUTO_TOLERANCE[mode])
-        if setting == "triton":
+            return run_tiles, run_fused
+
+        key = (str(device), user_factors.shape[1], k, mode, seen is not None)
+        fused = dispatch.fill_kernel(device, key, n_users, mode, make_trial)
+        if fused is not None:
             return fused(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen, **opts)
     return _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen,
                        mode=mode, item_offset=item_offset, memory_budget=memory_budget,
@@ -545,7 +310,7 @@ def _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k
                 else:
                     rows = torch.repeat_interleave(torch.arange(u1 - u0, device=device), counts, output_size=b - a)
                     cols = indices[a:b].to(device=device, dtype=torch.int64)
-                    rows, cols, bounds = _seen_by_tile(rows, cols, tile, n_tiles)
+                    rows, cols, bounds = seen_by_tile(rows, cols, tile, n_tiles)
             best_s = best_i = None
             for t, i0 in enumerate(range(0, n_items, tile)):
                 s = _scores(pa, qa_t[t]).add_(shift)  # [B, T]
@@ -556,7 +321,7 @@ def _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k
                     elif bounds[t + 1] > bounds[t]:
                         r, c = rows[bounds[t] : bounds[t + 1]], cols[bounds[t] : bounds[t + 1]]
                         s.view(-1).index_fill_(0, r * width + (c - i0), neg_inf)
-                vals, idx = _tile_topk(s, kk)  # ordered by (score desc, item asc)
+                vals, idx = tile_topk(s, kk)  # ordered by (score desc, item asc)
                 if i0:
                     idx = idx + i0
                 if best_s is None:
@@ -572,29 +337,6 @@ def _fill_tiles(user_factors, item_factors, user_bias, item_bias, global_mean, k
             out_s[u0:u1, :kk] = best_s
             out_i[u0:u1, :kk] = torch.where(dead, -1, best_i + item_offset)
     return out_s, out_i
-
-
-def merge_topk(parts: Sequence[tuple[Tensor, Tensor]], k: int | None = None) -> tuple[Tensor, Tensor]:
-    """Merge per-shard top-k lists of the same users into one: (scores [U, k], items [U, k]).
-
-    Each part is ``(scores float32 [U, k_p], items int64 [U, k_p])`` (e.g. ``fill_topk`` on
-    one item shard with its ``item_offset``); k defaults to the largest k_p. Order: score
-    descending, ties by lower item id, padding (item −1, −inf) last — the rule of
-    :func:`fill_topk`, so merging shards equals filling the whole catalogue.
-    """
-    if not parts:
-        raise ValueError("merge_topk needs at least one (scores, items) pair")
-    k = max(p[0].shape[1] for p in parts) if k is None else k
-    scores = torch.cat([p[0].to(torch.float32) for p in parts], 1)
-    items = torch.cat([p[1].to(torch.int64) for p in parts], 1)
-    items = torch.where(torch.isneginf(scores), -1, items)
-    scores, items = _order_by_score_then_item(scores, items)
-    n = scores.shape[1]
-    if n >= k:
-        return scores[:, :k].contiguous(), items[:, :k].contiguous()
-    pad = k - n
-    return (torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1),
-            torch.cat([items, items.new_full((items.shape[0], pad), -1)], 1))
 
 
 def score_dense(

@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-STATE_KEYS = ("user_factors", "item_factors", "user_bias", "item_bias", "global_mean")
+USER_PARAMS = ("user_factors", "user_bias")
+"""The replicated user tables: every rank holds all rows (DDP or summed deltas keep them equal)."""
+ITEM_PARAMS = ("item_factors", "item_bias")
+"""The item tables: a rank holds only its shard's rows."""
+PARAMS = ("user_factors", "item_factors", "user_bias", "item_bias")
+"""The trained parameters, in the order optimizers and checkpoints list them."""
+STATE_KEYS = PARAMS + ("global_mean",)
 """The checkpoint keys of a model, exactly (ARCHITECTURE.md)."""
 
 INIT_CHUNK_ROWS = 4096

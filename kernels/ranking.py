@@ -92,7 +92,7 @@ def evaluate_topk(state: dict, heldout_users: Tensor, heldout_items: Tensor, hel
     bu = state["user_bias"].to(device).index_select(0, users.to(device))
     sub = None
     if seen is not None:
-        from svdfill.kernels.fill import csr_take
+        from svdfill.kernels.topk import csr_take
 
         sub = csr_take(seen[0].to("cpu", torch.int64), seen[1].to("cpu"), users.cpu())
     _, items = fill_topk(P, state["item_factors"].to(device), bu, state["item_bias"].to(device),

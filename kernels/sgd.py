@@ -39,15 +39,11 @@ def sgd_step(user_factors: torch.Tensor, item_factors: torch.Tensor, user_bias: 
     (all on one device, updated in place); global_mean a float (or 0-d tensor); users,
     items int64 [n] (items local to the table's shard); ratings float32 [n].
     """
-    users = users.long()
-    items = items.long()
-    p, q, b_u, b_i, e = _errors(user_factors, item_factors, user_bias, item_bias,
-                                global_mean, users, items, ratings)
-    ec = e.unsqueeze(1)
-    user_factors.index_add_(0, users, (ec * q - reg_factors * p).mul_(lr))
-    item_factors.index_add_(0, items, (ec * p - reg_factors * q).mul_(lr))
-    user_bias.index_add_(0, users, (e - reg_bias * b_u).mul_(lr))
-    item_bias.index_add_(0, items, (e - reg_bias * b_i).mul_(lr))
+    # the user rows' deltas go straight into the user tables: the batch's rows were read
+    # before any update, so this is the split step with W = 1
+    sgd_step_split(user_factors, item_factors, user_bias, item_bias, global_mean, users, items,
+                   ratings, lr=lr, reg_factors=reg_factors, reg_bias=reg_bias,
+                   user_factors_delta=user_factors, user_bias_delta=user_bias)
 
 
 @torch.no_grad()

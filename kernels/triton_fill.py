@@ -45,8 +45,9 @@ With ``dtype=torch.bfloat16`` the factors are rounded to bf16 first (products ex
 float32 accumulation): scores are within ~1e-2 relative of float64 and the top-k set may
 differ only between items whose float64 scores are that close.
 
-On CPU tensors without ``TRITON_INTERPRET=1`` (or without triton) the call is
-:func:`svdfill.kernels.fill.fill_topk` itself.
+On CPU tensors without ``TRITON_INTERPRET=1`` (or without triton) the call raises
+RuntimeError saying why: :func:`svdfill.kernels.fill.fill_topk` is the entry point that
+falls back (:mod:`svdfill.kernels.dispatch` decides), and this module imports neither.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import sys
 
 import torch
 
-from svdfill.kernels.triton_util import launch, next_pow2, triton_mode
+from svdfill.kernels.triton_util import launch, next_pow2, triton_mode, unavailable_reason
 
 try:  # the kernel body needs `tl` as a global; without triton it is never built
     import triton.language as tl
@@ -171,6 +172,21 @@ def _fill_kernel(
             thr = tl.maximum(thr, lb)
             shared = tl.atomic_max(thr_ptr + r64, thr, mask=rm, sem="relaxed")
             thr = tl.where(rm, tl.maximum(thr, shared), thr)
+
+
+def check_rerun(counts: torch.Tensor, capacity: int) -> None:
+    """The re-run of overflowing rows must fit: a re-run starts from each row's final bound,
+    which admits a subset of what the first launch emitted, so its count is at most the
+    first one (= ``capacity``). A larger count means the two launches did not compute the
+    same scores, and keys past ``capacity`` were dropped: raise instead of returning a
+    top-k that may miss candidates."""
+    worst = int(counts.max()) if counts.numel() else 0
+    if worst > capacity:
+        raise RuntimeError(
+            f"fill_topk_triton: a re-run emitted {worst} candidates for a row with room for "
+            f"{capacity} (the first launch counted at most {capacity}); the two launches "
+            "disagree, so the result could miss items. Run the torch fill "
+            "(SVDFILL_FILL_KERNEL=torch) and report this.")
 
 
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,15 +338,10 @@ def fill_topk_triton(
     """
     device = user_factors.device
     if triton_mode(device) is None:
-        from svdfill.kernels.fill import _budget_bytes, fill_topk, tile_sizes
-
-        # explicit tiles = fill_topk's own defaults, and they skip its dispatch back to
-        # this function (which would recurse on a CUDA machine without triton)
-        block, tile = tile_sizes(user_factors.shape[0], item_factors.shape[0], max(1, int(k)),
-                                 _budget_bytes(device, memory_budget))
-        return fill_topk(user_factors, item_factors, user_bias, item_bias, global_mean, k, seen,
-                         item_offset=item_offset, dtype=dtype, memory_budget=memory_budget,
-                         user_block=max(1, block), item_tile=max(1, tile))
+        # no fallback here: which fill runs is svdfill.kernels.dispatch's decision, and
+        # svdfill.kernels.fill.fill_topk (the one entry point) takes the torch tiles there
+        raise RuntimeError(f"fill_topk_triton: {unavailable_reason(device)}; "
+                           "svdfill.kernels.fill.fill_topk runs the torch tiles instead")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"fill_topk_triton: k must be a positive int, got {k!r}")
     if user_factors.dim() != 2 or item_factors.dim() != 2 \
@@ -441,7 +452,8 @@ def fill_topk_triton(
                 step = max(1, budget // (capacity * 8 + 16))
                 j = min(o_rows.shape[0], i + step)
                 capacity = int(o_cnt[j - 1])  # sorted: the block's largest
-                _, rbuf = run(o_rows[i:j].contiguous(), o_thr[i:j].clone(), capacity)
+                rcnt, rbuf = run(o_rows[i:j].contiguous(), o_thr[i:j].clone(), capacity)
+                check_rerun(rcnt, capacity)
                 select(o_rows[i:j], rbuf)
                 info["rerun_rows"] += j - i
                 i = j

@@ -255,6 +255,26 @@ def fused_sgd_step_split(
                    user_factors_delta=user_factors_delta, user_bias_delta=user_bias_delta)
 
 
+def _probe_kernel(X, n, B: tl.constexpr):
+    """X[i] = i + 1 for i < n: the smallest kernel that compiles, launches and stores."""
+    i = tl.arange(0, B)
+    tl.store(X + i, (i + 1).to(tl.float32), mask=i < n)
+
+
+def probe(device: torch.device | str) -> None:
+    """Compile and launch a tiny kernel on ``device`` and check what it wrote; raises what
+    the build or launch raised (no triton mode, no C compiler or ``Python.h`` for Triton's
+    launcher, a driver error) or RuntimeError on wrong values. Used once per device by
+    :func:`svdfill.kernels.dispatch.probe_fused` before the fused training kernels are
+    handed out."""
+    x = torch.zeros(16, dtype=torch.float32, device=device)
+    launch(_probe_kernel, x.device, (1,), x, 13, B=16)
+    want = torch.arange(1, 17, dtype=torch.float32)
+    want[13:] = 0.0
+    if not torch.equal(x.cpu(), want):
+        raise RuntimeError(f"the probe kernel wrote {x.cpu().tolist()}, expected {want.tolist()}")
+
+
 def compile_specs(d: int = 64) -> list[tuple[str, dict, dict, int]]:
     """(label, signature, constexprs, num_warps) of the variants the CUDA path launches for
     factor dimension ``d`` — for :func:`svdfill.kernels.triton_util.compile_report`."""

@@ -203,17 +203,32 @@ def launch(fn: Callable, device: torch.device | str, grid: tuple[int, ...], *arg
     """Run the kernel body ``fn`` over ``grid`` on ``device`` (compiled or interpreted).
 
     ``kwargs`` carry the constexprs and launch options (``num_warps``, ``num_stages``).
+    ``device`` must be the tensors' device: the launch runs under :func:`device_guard`.
     Raises RuntimeError (with the reason) when :func:`triton_mode` is None.
     """
     mode = triton_mode(device)
     if mode is None:
         raise RuntimeError(unavailable_reason(device))
     kernel = build_kernel(fn, interpret=(mode == "interpret"))
-    if mode == "interpret":
-        with _interpreter_fixes():
+    # Triton launches on the *current* CUDA device: with tensors on cuda:1 and the current
+    # device 0 the kernel would run on GPU 0 with GPU 1 pointers (an illegal address that
+    # poisons the process). Enter the tensors' device for the launch.
+    with device_guard(device):
+        if mode == "interpret":
+            with _interpreter_fixes():
+                kernel[grid](*args, **kwargs)
+        else:
             kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+
+
+def device_guard(device: torch.device | str):
+    """The context :func:`launch` runs a kernel in: ``torch.cuda.device(device)`` for a
+    CUDA device (current device switched for the launch, restored after), a no-op context
+    otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def compile_report(fn: Callable, signature: dict[str, str], constexprs: dict, *,

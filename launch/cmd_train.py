@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     if nproc is not None:
         apply_overrides(load_config(args.config), overrides_from_args(args))  # config errors: one line, here
         return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     cfg = apply_overrides(load_config(args.config), overrides_from_args(args))
     check_device(cfg.train.device)

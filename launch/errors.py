@@ -5,22 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-
-class UserError(Exception):
-    """Bad input or a refused action: printed as ``svdfill: error: <message>``, exit code 2.
-
-    Data readers raise :class:`svdfill.data.errors.DataError` (a subclass of ValueError);
-    config loading raises :class:`svdfill.config.ConfigError`. Both are reported the same way.
-    """
-
-
-def os_error_message(e: OSError) -> str:
-    """``PATH: reason`` for an OSError that names its file (``[Errno 2] … 'PATH'`` reads as
-    noise to a user), else the error's own text."""
-    if e.filename is None:
-        return str(e)
-    where = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
-    return f"{where}: {e.strerror or type(e).__name__}"
+from svdfill.errors import UserError, os_error_message  # noqa: F401  (raised and printed here)
 
 
 def run_reporting_errors(fn: Callable[[], int | None]) -> int:

@@ -32,8 +32,8 @@ def train_worker(config: dict) -> None:
     """One Ray Train worker = one rank of the trainer (runs on every worker, after restarts too)."""
     from svdfill.config import Config, from_dict
     from svdfill.distributed.ray_train import ray_train_world, restore_checkpoint, set_worker_threads
-    from svdfill.launch.torchrun_train import shard_by_rating_counts
-    from svdfill.launch.trainer import run_training
+    from svdfill.distributed.sharding import shard_by_rating_counts
+    from svdfill.train import run_training
 
     cfg = from_dict(Config, config["cfg"], "ray_job train")
     set_worker_threads(cfg.dist.threads_per_worker)
@@ -74,7 +74,7 @@ def train(args: argparse.Namespace) -> int:
     from svdfill import checkpoint as ck
     from svdfill.config import to_dict
     from svdfill.distributed.process_group import resolve_backend
-    from svdfill.launch.trainer import prepare_run_dir
+    from svdfill.train.run_dir import prepare_run_dir
 
     import torch
 
@@ -127,7 +127,7 @@ def _ray_init(address: str | None) -> None:
 def fill(args: argparse.Namespace) -> int:
     """``svdfill fill`` with the top-k computed by W Ray actors, one item shard each."""
     from svdfill.checkpoint import load_model
-    from svdfill.distributed.ray_fill import ray_sharded
+    from svdfill.distributed.sharded_fill import RayFill
     from svdfill.launch import cmd_fill
 
     cfg = load_model(args.model).config
@@ -147,7 +147,7 @@ def fill(args: argparse.Namespace) -> int:
             f"{w['dtype']}"
             for w in where), flush=True)
 
-    return cmd_fill.main(args, sharded=ray_sharded(num_actors, use_gpu=use_gpu, on_start=on_start))
+    return cmd_fill.main(args, sharded=RayFill(num_actors, use_gpu=use_gpu, on_start=on_start))
 
 
 # -- bench ----------------------------------------------------------------------------------
@@ -161,11 +161,11 @@ def bench_fill(args: argparse.Namespace) -> int:
     """
     import time
 
-    import numpy as np
     import torch
 
     from svdfill.data.csr import build_csr
-    from svdfill.distributed.ray_fill import ShardedBlockTopk, start_actors
+    from svdfill.distributed.ray_fill import start_actors
+    from svdfill.distributed.sharded_fill import RayFill
     from svdfill.kernels.fill import fill_topk
 
     U, I, d, k, B = args.users, args.items, args.factors, args.k, args.user_block
@@ -199,9 +199,9 @@ def bench_fill(args: argparse.Namespace) -> int:
 
     for w in [int(x) for x in args.actors.split(",")]:
         t0 = time.perf_counter()
-        actors, _ = start_actors(state, seen, w, num_cpus=args.actor_cpus)
+        actors, _ = start_actors(state, seen, w, k=k, num_cpus=args.actor_cpus)
         start = time.perf_counter() - t0
-        fn = ShardedBlockTopk(actors, lambda b: blocks[b], len(blocks), k)
+        fn = RayFill.from_actors(actors, k).blocks(lambda b: blocks[b], len(blocks))
         t0 = time.perf_counter()
         got = [fn(b) for b in range(len(blocks))]
         sec = time.perf_counter() - t0

@@ -27,26 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def shard_by_rating_counts(world, train):
-    """``reshard`` hook of :func:`svdfill.launch.trainer.run_training`: give every rank its
-    item shard, balanced by the training ratings per item (same on every rank)."""
-    from svdfill.distributed.sharding import balanced_shards, item_counts
-    from svdfill.distributed.world import DistWorld
-
-    if not isinstance(world, DistWorld):
-        return world
-    return world.with_shards(balanced_shards(item_counts(train.items, train.n_items),
-                                             world.world_size))
-
-
 def train(args: argparse.Namespace) -> int:
     import json
 
     from svdfill.config import apply_overrides, load_config
     from svdfill.distributed.process_group import init_from_env, shutdown
     from svdfill.distributed.world import DistWorld
+    from svdfill.distributed.sharding import shard_by_rating_counts
     from svdfill.launch import cmd_train
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     cfg = apply_overrides(load_config(args.config),
                           {**cmd_train.overrides_from_args(args), "dist.backend": args.backend})

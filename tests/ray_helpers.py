@@ -154,20 +154,29 @@ def _ray_start(args: list[str], temp_dir: Path, timeout_s: float = 90.0,
     return proc.pid, out
 
 
-def start_head(num_cpus: int = 4, resources: dict | None = None) -> RayNode:
-    """A head node on 127.0.0.1 with the dashboard (the jobs API needs it), free ports only."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="svdray", dir="/tmp"))  # short: socket paths ≤ 107 chars
-    args = ["--head", "--node-ip-address", "127.0.0.1", "--port", "0",
-            "--num-cpus", str(num_cpus), "--object-store-memory", str(200 * 1024 * 1024),
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--metrics-export-port", str(free_port())]
+def _node_args(num_cpus: int, object_store_mb: int, resources: dict | None) -> list[str]:
+    """What every node of a test cluster takes: loopback, its resources, and free ports for
+    the per-node agents (the defaults clash when two nodes share a machine)."""
+    args = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+            "--object-store-memory", str(object_store_mb * 1024 * 1024)]
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--runtime-env-agent-port", "--metrics-export-port"):
+        args += [flag, str(free_port())]
     if resources:
         args += ["--resources", json.dumps(resources)]
+    return args
+
+
+def _temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="svdray", dir="/tmp"))  # short: socket paths ≤ 107 chars
+
+
+def start_head(num_cpus: int = 4, resources: dict | None = None) -> RayNode:
+    """A head node on 127.0.0.1 with the dashboard (the jobs API needs it), free ports only."""
+    temp_dir = _temp_dir()
+    args = ["--head", "--port", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
+            *_node_args(num_cpus, 200, resources)]
     pgid, out = _ray_start(args, temp_dir)
     gcs = (temp_dir / "ray_current_cluster").read_text().strip()
     m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", out)
@@ -179,15 +188,8 @@ def start_head(num_cpus: int = 4, resources: dict | None = None) -> RayNode:
 
 def add_node(head: RayNode, num_cpus: int = 1, resources: dict | None = None) -> RayNode:
     """A second node of ``head``'s cluster on this machine, with its own resources and ports."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="svdray", dir="/tmp"))
-    args = ["--address", head.gcs_address, "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(num_cpus), "--object-store-memory", str(100 * 1024 * 1024),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--metrics-export-port", str(free_port())]
-    if resources:
-        args += ["--resources", json.dumps(resources)]
+    temp_dir = _temp_dir()
+    args = ["--address", head.gcs_address, *_node_args(num_cpus, 100, resources)]
     pgid, _ = _ray_start(args, temp_dir, join_loopback=True)
     return RayNode(temp_dir, pgid, head.gcs_address, None)
 

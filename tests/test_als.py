@@ -178,7 +178,7 @@ def test_trainer_als_solver_on_synthetic_config(tmp_path):
     from svdfill.config import apply_overrides, load_config
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     cfg = apply_overrides(load_config(None), {
         "data.synthetic.n_users": 600, "data.synthetic.n_items": 300,
@@ -318,3 +318,41 @@ def test_sweep_on_cuda_matches_float64_brute_force(cuda):
               reg_exponent=0.6, bias_reg_exponent=0.0, budget_elements=200)
     assert model.user_factors.device.type == "cuda"
     _assert_close(model, ref)
+
+
+def test_chunk_budget_is_device_aware(monkeypatch):
+    """CPU keeps the cache-sized budget (CPU results do not depend on the machine); CUDA
+    takes a sixteenth of its free memory at first use, clamped, cached per device (so the
+    cached plan is reused every sweep). The GPU is faked: only the free-memory query is."""
+    from svdfill.kernels import als
+
+    assert als.default_budget_elements("cpu") == als.DEFAULT_BUDGET_ELEMENTS
+    monkeypatch.setattr(als, "_DEVICE_BUDGET", {})
+    free = {"n": 64 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["n"], 80 << 30))
+    got = als.default_budget_elements(torch.device("cuda", 1))
+    assert got == (64 << 30) // 64 or got == als.MAX_CUDA_BUDGET_ELEMENTS
+    assert als.DEFAULT_BUDGET_ELEMENTS < got <= als.MAX_CUDA_BUDGET_ELEMENTS
+    free["n"] = 1 << 20  # later calls: the cached answer, not a new one
+    assert als.default_budget_elements("cuda:1") == got
+    assert als.default_budget_elements("cuda:2") == als.DEFAULT_BUDGET_ELEMENTS  # never below
+
+
+def test_spd_solve_checks_with_one_sync_and_falls_back():
+    """Singular systems get the least-squares solution; a non-finite one raises — whether
+    the bad row's Cholesky failed or not."""
+    from svdfill.kernels.als import _spd_solve
+
+    a = torch.eye(3).repeat(4, 1, 1)
+    a[1] = 0.0  # singular: pinv
+    b = torch.ones(4, 3, 1)
+    x = _spd_solve(a.clone(), b)
+    assert torch.equal(x[1], torch.zeros(3, 1)) and torch.equal(x[0], b[0])
+    b_nan = b.clone()
+    b_nan[2, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        _spd_solve(a.clone(), b_nan)
+    b_nan = b.clone()
+    b_nan[1, 0, 0] = float("nan")  # the singular row's least-squares solution is NaN
+    with pytest.raises(FloatingPointError):
+        _spd_solve(a.clone(), b_nan)

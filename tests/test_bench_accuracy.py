@@ -1,4 +1,4 @@
-"""launch/bench_accuracy.py: `svdfill bench accuracy --quick` end to end on real MovieLens
+"""bench/accuracy.py: `svdfill bench accuracy --quick` end to end on real MovieLens
 (a seeded sample), the split protocol, and the table."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from svdfill.launch import bench_accuracy as ba
+from svdfill.bench import accuracy as ba
 
 
 def _args(**kw):
@@ -77,7 +77,7 @@ def test_svdfill_never_sees_the_test_split(monkeypatch):
     test_pairs = set((test.users.long() * 40 + test.items.long()).tolist())
     seen = {}
 
-    import svdfill.launch.trainer as trainer
+    import svdfill.train as trainer
 
     real_fit = trainer.fit
 

@@ -1,4 +1,4 @@
-"""launch.bench_kernels: without CUDA it says so and exits 0; --smoke runs the whole table
+"""bench.kernels: without CUDA it says so and exits 0; --smoke runs the whole table
 through Triton's interpreter on tiny shapes and writes one JSON line per figure."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from svdfill.launch import bench_kernels
+from svdfill.bench import kernels as bench_kernels
 
 
 def _args(*argv):

@@ -78,19 +78,47 @@ def test_training_state_round_trip(tmp_path):
     import random
 
     assert ck.load_training_state(tmp_path) is None
-    state = {"epoch": 3, "rng": torch.Generator().manual_seed(1).get_state(),
-             "py": random.Random(2).getstate(),
-             "np": np.random.default_rng(3).bit_generator.state,
-             "opt": torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))]).state_dict(),
-             "history": [{"epoch": 1, "val_rmse": 0.9}], "best": None, "nan": float("nan")}
+    model = {"user_factors": torch.randn(3, 2), "item_factors": torch.randn(4, 2),
+             "user_bias": torch.zeros(3), "item_bias": torch.zeros(4),
+             "global_mean": torch.tensor(3.5)}
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))]).state_dict()
+    state = ck.TrainingState(
+        phase="select", epoch=3, model=model, optimizer={"item_bias": {"step": torch.tensor(2.0)}},
+        solver=None, best=ck.BestEpoch(2, {"rmse": 0.9}, {k: v.clone() for k, v in model.items()}),
+        bad_epochs=1, seconds=1.5, history=[{"epoch": 1, "val_rmse": 0.9}],
+        rng={"seed": 0, "gen": torch.Generator().manual_seed(1).get_state()}, world_size=2,
+        extra={"py": random.Random(2).getstate(), "np": np.random.default_rng(3).bit_generator.state,
+               "opt": opt, "nan": float("nan")})
     ck.save_training_state(tmp_path, state)
+    # the file is plain containers: it loads with weights_only
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert raw["format"] == ck.TRAINING_FORMAT and raw["state"]["best"]["epoch"] == 2
+    assert raw["state"]["py"] == state.extra["py"]  # extra entries sit at the top level
     got = ck.load_training_state(tmp_path)
-    assert got["epoch"] == 3 and torch.equal(got["rng"], state["rng"])
-    assert got["py"] == state["py"] and got["np"] == state["np"]
-    assert got["history"] == state["history"] and math.isnan(got["nan"])
+    assert got.epoch == 3 and got.phase == "select" and got.world_size == 2
+    assert torch.equal(got.rng["gen"], state.rng["gen"]) and got.best.epoch == 2
+    assert torch.equal(got.best.state["user_factors"], model["user_factors"])
+    assert got.extra["py"] == state.extra["py"] and got.extra["np"] == state.extra["np"]
+    assert got.history == state.history and math.isnan(got.extra["nan"])
+    assert got.to_dict().keys() == state.to_dict().keys()
+    with pytest.raises(ValueError, match="repeats the fields"):
+        ck.TrainingState(**{**vars(state), "extra": {"epoch": 1}}).to_dict()
+    # a dict missing what a resume needs is refused with the file's name
+    ck.atomic_torch_save(tmp_path / "checkpoint.pt", {"format": ck.TRAINING_FORMAT,
+                                                      "state": {"epoch": 1}})
+    with pytest.raises(ck.CheckpointError, match="checkpoint.pt.*lacks"):
+        ck.load_training_state(tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"\0" * 10)
     with pytest.raises(ck.CheckpointError, match="checkpoint.pt"):
         ck.load_training_state(tmp_path)
+
+
+def test_state_keys_are_defined_once():
+    from svdfill.distributed import ddp
+    from svdfill.kernels import model
+
+    assert ck.STATE_KEYS is model.STATE_KEYS == model.PARAMS + ("global_mean",)
+    assert ddp.USER_PARAMS is model.USER_PARAMS and ddp.ITEM_PARAMS is model.ITEM_PARAMS
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -115,3 +143,18 @@ def test_config_echo_loads_back(tmp_path):
     ck.save_config_echo(tmp_path, cfg)
     back = load_config(tmp_path / "config.toml")
     assert repr(back) == repr(cfg)  # NaN != NaN, so compare the text forms
+
+
+def test_a_model_saved_before_the_solver_tables_loads(tmp_path):
+    """model.pt of an earlier version holds flat train.burn_in / train.als_reg_exponent:
+    svdfill wrote them, so they are mapped to [train.gibbs] / [train.als], not refused."""
+    from svdfill.config import to_dict
+
+    cfg = to_dict(Config())
+    cfg["train"].pop("gibbs")
+    cfg["train"].pop("als")
+    cfg["train"].update({"burn_in": 4, "gibbs_overrelax": -0.5, "als_reg_exponent": 0.6})
+    ck.save_model(tmp_path, _state(), IdMap(np.arange(5), np.arange(4)), cfg, {})
+    m = ck.load_model(tmp_path)
+    assert m.config.train.gibbs.burn_in == 4 and m.config.train.gibbs.overrelax == -0.5
+    assert m.config.train.als.reg_exponent == 0.6 and m.config.train.gibbs.warm_start == 3

@@ -209,7 +209,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_metrics(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "summary.json").exists()
-    epoch_at_kill = ck.load_training_state(run)["epoch"]
+    epoch_at_kill = ck.load_training_state(run).epoch
     assert epoch_at_kill < 4
     _cli("train", "--config", cfg, "--out", run, "--resume", "--quiet", timeout=600)
     a = json.loads((ref / "summary.json").read_text())

@@ -80,3 +80,65 @@ def test_resolve_data_path(tmp_path, monkeypatch):
     repo_rel = resolve_data_path("configs/demo.toml")
     assert repo_rel.exists() and repo_rel.is_absolute()
     assert resolve_data_path("no/such.csv") == Path("no/such.csv")
+
+
+def test_solver_tables_load_and_old_flat_keys_name_the_new_key(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nsolver = \"gibbs\"\n[train.als]\nreg_exponent = 0.6\n"
+                 "[train.gibbs]\nburn_in = 4\nwarm_start = 2\noverrelax = -0.5\n")
+    cfg = load_config(p)
+    assert cfg.train.als.reg_exponent == 0.6 and cfg.train.als.bias_reg_exponent == 1.0
+    assert (cfg.train.gibbs.burn_in, cfg.train.gibbs.warm_start) == (4, 2)
+    assert cfg.train.gibbs.overrelax == -0.5 and cfg.train.gibbs.beta0 == 2.0
+    from svdfill.config import MOVED_KEYS
+
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        p.write_text(f"[{section}]\n{key} = 1\n")
+        with pytest.raises(ConfigError, match=rf"c\.toml.*{old} moved to {new}"):
+            load_config(p)
+        with pytest.raises(ConfigError, match=rf"command line: {old} moved to {new}"):
+            apply_overrides(Config(), {old: 1})
+    with pytest.raises(ConfigError, match=r"train\.gibbs\.overrelax is out of range"):
+        apply_overrides(Config(), {"train.gibbs.overrelax": 1.0})
+    with pytest.raises(ConfigError, match="unknown key 'burnin'"):
+        p.write_text("[train.gibbs]\nburnin = 3\n")
+        load_config(p)
+
+
+def test_files_svdfill_wrote_with_old_flat_keys_are_mapped(tmp_path):
+    """A run directory's config.toml (and a model's config) from before [train.gibbs]:
+    read with upgrade=True, the old keys land in their tables."""
+    from svdfill.config import upgrade_moved_keys
+
+    p = tmp_path / "config.toml"
+    p.write_text("[train]\nsolver = \"gibbs\"\nburn_in = 3\ngibbs_warm_start = 2\n"
+                 "als_reg_exponent = 0.5\n")
+    with pytest.raises(ConfigError, match="train.burn_in moved to train.gibbs.burn_in"):
+        load_config(p)
+    cfg = load_config(p, upgrade=True)
+    assert cfg.train.gibbs.burn_in == 3 and cfg.train.gibbs.warm_start == 2
+    assert cfg.train.als.reg_exponent == 0.5
+    raw = {"train": {"burn_in": 7, "gibbs": {"burn_in": 9}}, "model": {"factors": 3}}
+    assert upgrade_moved_keys(raw) == {"train": {"gibbs": {"burn_in": 9}}, "model": {"factors": 3}}
+    assert raw["train"]["burn_in"] == 7  # the input is not modified
+
+
+def test_every_field_has_a_docstring_line():
+    import ast
+    import inspect
+
+    import svdfill.config as C
+
+    tree = ast.parse(inspect.getsource(C))
+    missing = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and node.name != "ConfigError":
+            body = node.body
+            for i, st in enumerate(body):
+                if isinstance(st, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                            and isinstance(nxt.value.value, str)):
+                        missing.append(f"{node.name}.{st.target.id}")
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""launch/peer_spark.py: Spark MLlib ALS as a bench peer, against a real local Spark (JVM)
+"""bench/peer_spark.py: Spark MLlib ALS as a bench peer, against a real local Spark (JVM)
 on loopback — the model written from svdfill's factors recommends what fill_topk ranks, and
 ALS fits score every test pair."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdfill.launch.peer_spark import spark_available
+from svdfill.bench.peer_spark import spark_available
 
 why = spark_available()
 pytestmark = pytest.mark.skipif(why is not None, reason=f"Spark peer unavailable: {why}")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(why is not None, reason=f"Spark peer unavailable
 
 @pytest.fixture
 def spark():  # per test: after the first JVM start a new session takes well under a second
-    from svdfill.launch.peer_spark import local_spark
+    from svdfill.bench.peer_spark import local_spark
 
     with local_spark(threads=2, memory="2g") as s:
         yield s
@@ -31,8 +31,8 @@ def test_session_stays_on_loopback(spark):
 def test_recommend_all_equals_fill_topk_on_the_same_factors(spark):
     """Ragged sizes (U=37 not a block multiple, rank 5+1); Gaussian factors, so no ties."""
     from svdfill.kernels.fill import fill_topk
-    from svdfill.launch.bench_fill import synthetic_model
-    from svdfill.launch.peer_spark import recommend_all
+    from svdfill.bench.fill import synthetic_model
+    from svdfill.bench.peer_spark import recommend_all
 
     state = synthetic_model(37, 53, 5, seed=3)
     res = recommend_all(spark, state, 7)
@@ -62,7 +62,7 @@ def test_fit_als_scores_every_test_pair(spark):
     train, test = allr.subset(order[:cut]), allr.subset(order[cut:])
     # one test pair of a user Spark never saw: predicted as the training mean
     test = test.cat(Ratings.from_arrays([U], [0], [4.0], n_users=U + 1, n_items=I))
-    from svdfill.launch.peer_spark import fit_als
+    from svdfill.bench.peer_spark import fit_als
 
     res = fit_als(spark, train, test, 1.0, 5.0, rank=3, max_iter=10, reg=0.05, seed=0)
     pred = res["predictions"]
@@ -78,7 +78,7 @@ def test_fit_als_scores_every_test_pair(spark):
 def test_bench_fill_prints_the_spark_row(capsys):
     import argparse
 
-    from svdfill.launch import bench_fill
+    from svdfill.bench import fill as bench_fill
 
     parser = argparse.ArgumentParser()
     bench_fill.add_arguments(parser)
@@ -96,7 +96,7 @@ def test_bench_accuracy_adds_the_spark_rows(ml100k_path, tmp_path):
     import argparse
     import json
 
-    from svdfill.launch import bench_accuracy as ba
+    from svdfill.bench import accuracy as ba
 
     parser = argparse.ArgumentParser()
     ba.add_arguments(parser)

@@ -1,4 +1,4 @@
-"""launch/plot.py: the learning-curve PNG beside metrics.jsonl (matplotlib optional)."""
+"""train/plot.py: the learning-curve PNG beside metrics.jsonl (matplotlib optional)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from svdfill.launch.plot import read_metrics, write_learning_curve
+from svdfill.train.plot import read_metrics, write_learning_curve
 
 
 def _write_metrics(run_dir, rows):
@@ -39,7 +39,7 @@ def test_real_training_run_gets_a_curve(tmp_path):
     """A real `run_training` on a small synthetic config leaves a PNG in the run folder."""
     pytest.importorskip("matplotlib")
     from svdfill.config import apply_overrides, load_config
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     cfg = apply_overrides(load_config(None), {
         "data.synthetic.n_users": 200, "data.synthetic.n_items": 100,

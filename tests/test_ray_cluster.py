@@ -31,7 +31,7 @@ def small_model(tmp_path_factory):
     import torch
 
     from svdfill.config import Config, apply_overrides
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     d = tmp_path_factory.mktemp("cluster")
     cfg = apply_overrides(Config(), {"data.synthetic.n_users": 1500, "data.synthetic.n_items": 400,
@@ -86,7 +86,7 @@ def _check_shards_merge_to_full(device):
     import torch
 
     from svdfill.data.csr import build_csr
-    from svdfill.distributed.ray_fill import FillShard
+    from svdfill.distributed.ray_fill import ShardActor
     from svdfill.kernels.fill import csr_take, fill_topk, merge_topk
 
     st = _random_state()
@@ -100,10 +100,10 @@ def _check_shards_merge_to_full(device):
     np_state = {k: v.numpy() for k, v in st.items()}
     parts = []
     for shard in [(0, 4), (4, 15), (15, 23)]:
-        a = FillShard(shard, np_state["item_factors"], np_state["item_bias"], np_state["user_factors"],
-                      np_state["user_bias"], 3.5, (seen[0].numpy(), seen[1].numpy()), None, None)
+        a = ShardActor(shard, np_state["item_factors"], np_state["item_bias"], np_state["user_factors"],
+                       np_state["user_bias"], 3.5, (seen[0].numpy(), seen[1].numpy()), 6, None, None)
         assert a.device.type == device
-        s, i = a.topk(users, 6)
+        s, i = a.topk(users)
         assert ((i == -1) | ((i >= shard[0]) & (i < shard[1]))).all()
         parts.append((torch.from_numpy(s), torch.from_numpy(i)))
     s, i = merge_topk(parts, 6)

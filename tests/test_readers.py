@@ -148,29 +148,34 @@ def test_parquet(tmp_path, ids):
 
 
 # --------------------------------------------------------------------------- bad input
-def test_malformed_line(tmp_path):
-    p = write(tmp_path, "u.data", "1\t2\t3\t4\n5\t6\t7\n8\t9\t1\t2\n")
-    msg = error_of(p)
-    assert f"{p}:2:" in msg and "expected 4 fields" in msg and "got 3" in msg and "'5\\t6\\t7'" in msg
-    dat = write(tmp_path, "ratings.dat", "1::2::3\n1::3::4\n1::4\n")
-    msg = error_of(dat)
-    assert f"{dat}:3:" in msg and "got 2" in msg and "'1::4'" in msg
+# one bad line, named by file:line with what is wrong: (file name, content, read_ratings
+# keywords, the line named, what the message says)
+BAD_LINE = {
+    "malformed-tab": ("u.data", "1\t2\t3\t4\n5\t6\t7\n8\t9\t1\t2\n", {}, 2,
+                      ["expected 4 fields", "got 3", "'5\\t6\\t7'"]),
+    "malformed-dat": ("ratings.dat", "1::2::3\n1::3::4\n1::4\n", {}, 3, ["got 2", "'1::4'"]),
+    "non-numeric-dat": ("ratings.dat", "1::2::3\n1::3::four\n", {}, 2,
+                        ["'four' is not a number", "'1::3::four'"]),
+    "non-numeric-csv": ("r.csv", "user,item,rating\n1,2,3\n1,3,\n", {}, 3, ["'' is not a number"]),
+    **{f"nonfinite-{v}": ("r.txt", f"1 2 3\n1 3 4\n2 2 {v}\n", {}, 3, ["finite", f"'2 2 {v}'"])
+       for v in ("nan", "NaN", "inf", "-inf")},
+    "separator-mid-file": ("u.data", "1\t2\t3\t0\n4,5,3,0\n", {}, 2,
+                           ["got 1", "separator looks wrong"]),
+    "duplicate-pair": ("r.txt", "1 1 1\n2 1 2\n1 1 3\n1 1 5\n", {}, 3,
+                       ["line 1", "(1, 1)", "2 duplicate rows"]),
+    "missing-column": ("r.csv", "user,movie,stars\n1,2,3\n", {"format": "csv", "rating_col": "score"},
+                       1, ["missing", "'score'", "'stars'"]),
+}
 
 
-def test_non_numeric_rating(tmp_path):
-    p = write(tmp_path, "ratings.dat", "1::2::3\n1::3::four\n")
-    msg = error_of(p)
-    assert f"{p}:2:" in msg and "'four' is not a number" in msg and "'1::3::four'" in msg
-    c = write(tmp_path, "r.csv", "user,item,rating\n1,2,3\n1,3,\n")
-    msg = error_of(c)
-    assert f"{c}:3:" in msg and "'' is not a number" in msg
-
-
-@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf"])
-def test_nonfinite_rating(tmp_path, value):
-    p = write(tmp_path, "r.txt", f"1 2 3\n1 3 4\n2 2 {value}\n")
-    msg = error_of(p)
-    assert f"{p}:3:" in msg and "finite" in msg and f"'2 2 {value}'" in msg
+@pytest.mark.parametrize("case", BAD_LINE)
+def test_bad_line_is_named(tmp_path, case):
+    name, content, kw, line, says = BAD_LINE[case]
+    p = write(tmp_path, name, content)
+    msg = error_of(p, **kw)
+    assert f"{p}:{line}:" in msg, msg
+    for part in says:
+        assert part in msg, (part, msg)
 
 
 def test_rating_outside_scale(tmp_path):
@@ -194,10 +199,7 @@ def test_header_only(tmp_path):
     assert "no ratings" in error_of(p)
 
 
-def test_missing_columns(tmp_path):
-    p = write(tmp_path, "r.csv", "user,movie,stars\n1,2,3\n")
-    msg = error_of(p, format="csv", rating_col="score")
-    assert f"{p}:1:" in msg and "missing" in msg and "'score'" in msg and "'stars'" in msg
+def test_missing_parquet_column(tmp_path):  # the CSV case: BAD_LINE["missing-column"]
     t = tmp_path / "r.parquet"
     pq.write_table(pa.table({"user": [1], "item": [2]}), t)
     msg = error_of(t)
@@ -222,16 +224,8 @@ def test_wrong_separator(tmp_path):
     assert "separator looks wrong" in msg
 
 
-def test_separator_changes_mid_file(tmp_path):
-    p = write(tmp_path, "u.data", "1\t2\t3\t0\n4,5,3,0\n")
-    msg = error_of(p)
-    assert f"{p}:2:" in msg and "got 1" in msg and "separator looks wrong" in msg
-
-
-def test_duplicates_policy(tmp_path):
-    p = write(tmp_path, "r.txt", "1 1 1\n2 1 2\n1 1 3\n1 1 5\n")
-    msg = error_of(p)
-    assert f"{p}:3:" in msg and "line 1" in msg and "(1, 1)" in msg and "2 duplicate rows" in msg
+def test_duplicates_policy(tmp_path):  # refused by default: BAD_LINE["duplicate-pair"]
+    p = write(tmp_path, "r.txt", BAD_LINE["duplicate-pair"][1])
     last = read_ratings(p, dedupe="last")
     assert list(zip(last.users.tolist(), last.items.tolist(), last.ratings.tolist())) == [(2, 1, 2.0), (1, 1, 5.0)]
     mean = read_ratings(p, dedupe="mean")

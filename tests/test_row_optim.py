@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from reference import adagrad_reference, lazy_adam_reference as reference
 from svdfill.kernels.model import BiasedMF
 from svdfill.kernels.sgd import RowSparseAdam
 from svdfill.kernels.row_optim import (
@@ -45,30 +46,6 @@ def batches(U, I, n, steps, seed, *, hot=False):
         ratings = torch.randint(1, 6, (n,), generator=g).float()
         out.append((users, items, ratings))
     return out
-
-
-def reference(model: BiasedMF, data, *, lr, scale, reg_factors, reg_bias):
-    """Lazy Adam in float64, written from its definition (not from the code under test)."""
-    w = {k: getattr(model, k).detach().double().clone()
-         for k in ("user_factors", "item_factors", "user_bias", "item_bias")}
-    mom = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in w.items()}
-    mu = float(model.global_mean)
-    for t, (u, i, r) in enumerate(data, start=1):
-        p, q = w["user_factors"][u], w["item_factors"][i]
-        bu, bi = w["user_bias"][u], w["item_bias"][i]
-        e = r.double() - (mu + bu + bi + (p * q).sum(1))
-        grads = {"user_factors": (u, reg_factors * p - e[:, None] * q),
-                 "item_factors": (i, reg_factors * q - e[:, None] * p),
-                 "user_bias": (u, reg_bias * bu - e), "item_bias": (i, reg_bias * bi - e)}
-        for k, (rows, g_rows) in grads.items():
-            g = torch.zeros_like(w[k]).index_add_(0, rows, scale * g_rows)
-            touched = torch.unique(rows)
-            m, v = mom[k]
-            m[touched] = 0.9 * m[touched] + 0.1 * g[touched]
-            v[touched] = 0.999 * v[touched] + 0.001 * g[touched] ** 2
-            m_hat, v_hat = m[touched] / (1 - 0.9 ** t), v[touched] / (1 - 0.999 ** t)
-            w[k][touched] -= lr * m_hat / (v_hat.sqrt() + EPS / math.sqrt(1 - 0.999 ** t))
-    return w
 
 
 def model(U=13, I=9, d=5, seed=0):
@@ -146,6 +123,11 @@ def test_adagrad_rows_equal_torch_dense_adagrad(lr_decay):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-7, msg=k)
         torch.testing.assert_close(opt_b.state[pb]["sum"], opt_a.state[pa]["sum"], rtol=1e-5,
                                    atol=1e-9, msg=f"{k}.sum")
+    # and both equal Adagrad written from its definition in float64 (tests/reference.py)
+    want = adagrad_reference(model(seed=5), data, lr=0.05, scale=1 / 25.0, lr_decay=lr_decay, **HP)
+    for k, w in want.items():
+        torch.testing.assert_close(getattr(b, k).detach().double(), w, rtol=1e-5,
+                                   atol=ATOL_VS_FLOAT64, msg=k)
     assert adagrad_lr(0.1, 3, 0.5) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="counts from 1"):
         adagrad_lr(0.1, 0)
@@ -206,7 +188,7 @@ def test_trainer_fused_adagrad_on_cpu_equals_torch_adagrad():
     from svdfill.config import ConfigError, apply_overrides
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     cfg = _trainer_cfg(**{"train.optimizer": "adagrad", "train.lr": 0.05})
     train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
@@ -227,17 +209,17 @@ def test_trainer_fused_request_on_cpu_and_resume(tmp_path):
     """One process trains sparse_adam through this module; train.kernel = 'fused' on CPU
     says once that it runs the torch twin and gives the same run; a resumed run equals an
     uninterrupted one. (Against DDP + autograd at W = 2: tests/test_world.py.)"""
-    import svdfill.launch.trainer as trainer
+    from svdfill.kernels import dispatch
     from svdfill.config import apply_overrides
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     cfg = _trainer_cfg()
     train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
     ref = fit(cfg, train, val, quiet=True)
     assert ref.summary["val_rmse"] < ref.history[0]["val_rmse"]
-    trainer._FUSED_WARNED = False
+    dispatch.reset_warnings()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         got = fit(apply_overrides(cfg, {"train.kernel": "fused"}), train, val, quiet=True)
@@ -261,7 +243,7 @@ def test_trainer_fused_kernels_on_cuda_match_the_cpu_run(cuda, monkeypatch):
     from svdfill.config import apply_overrides
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = _trainer_cfg()

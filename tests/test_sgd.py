@@ -1,4 +1,4 @@
-"""kernels.sgd against a brute-force float64 per-rating reference (repeated rows summed)."""
+"""kernels.sgd against the float64 SGD step of tests/reference.py (repeated rows summed)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import sgd_step_reference
 from svdfill.kernels.sgd import sgd_step, sgd_step_split
 
 
@@ -13,19 +14,6 @@ def _tables(U, I, d, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(U, d, generator=g) * 0.3, torch.randn(I, d, generator=g) * 0.3,
             torch.randn(U, generator=g) * 0.2, torch.randn(I, generator=g) * 0.2)
-
-
-def _reference(P, Q, bu, bi, mu, users, items, ratings, lr, lf, lb):
-    """Every rating's update from the pre-step values, summed per row, in float64."""
-    P0, Q0, bu0, bi0 = (t.double().numpy() for t in (P, Q, bu, bi))
-    P1, Q1, bu1, bi1 = P0.copy(), Q0.copy(), bu0.copy(), bi0.copy()
-    for u, i, r in zip(users.tolist(), items.tolist(), ratings.double().tolist()):
-        e = r - (mu + bu0[u] + bi0[i] + P0[u] @ Q0[i])
-        bu1[u] += lr * (e - lb * bu0[u])
-        bi1[i] += lr * (e - lb * bi0[i])
-        P1[u] += lr * (e * Q0[i] - lf * P0[u])
-        Q1[i] += lr * (e * P0[u] - lf * Q0[i])
-    return P1, Q1, bu1, bi1
 
 
 @pytest.mark.parametrize("U,I,d,n,seed", [(7, 5, 3, 40, 0), (1, 1, 1, 1, 1), (13, 4, 8, 97, 2),
@@ -36,10 +24,11 @@ def test_sgd_step_matches_reference_with_repeated_rows(U, I, d, n, seed):
     items = torch.randint(0, I, (n,), generator=g)
     ratings = torch.rand(n, generator=g) * 4 + 1
     P, Q, bu, bi = _tables(U, I, d, seed)
-    ref = _reference(P, Q, bu, bi, 3.1, users, items, ratings, 0.05, 0.1, 0.02)
+    ref = sgd_step_reference(P, Q, bu, bi, 3.1, users, items, ratings, lr=0.05, reg_factors=0.1,
+                             reg_bias=0.02)
     sgd_step(P, Q, bu, bi, 3.1, users, items, ratings, lr=0.05, reg_factors=0.1, reg_bias=0.02)
     for got, want in zip((P, Q, bu, bi), ref):
-        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_single_rating_is_the_surprise_step():

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdfill.distributed.sharding import (balanced_shards, even_shards, item_counts,
-                                          shard_of_items)
+from svdfill.distributed.sharding import balanced_shards, even_shards, item_counts
 
 
 def _check_cover(shards, n):
@@ -55,14 +54,10 @@ def test_balance_on_large_skewed_counts():
         assert max(loads) <= counts.sum().item() / w + counts.max().item()
 
 
-def test_even_shards_and_lookup():
+def test_even_shards():
     shards = even_shards(10, 3)
     assert shards == [(0, 4), (4, 7), (7, 10)] or [b - a for a, b in shards] in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
     _check_cover(shards, 10)
-    items = torch.arange(10)
-    owner = shard_of_items(items, shards)
-    for r, (lo, hi) in enumerate(shards):
-        assert (owner[lo:hi] == r).all()
 
 
 def test_item_counts():

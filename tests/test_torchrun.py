@@ -62,7 +62,7 @@ def _ml100k() -> Path:
 def trained(tmp_path_factory):
     """One single-process run and one torchrun W=2 run of the same config (shared by tests)."""
     from svdfill.config import load_config
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     ratings = _ml100k()
     d = tmp_path_factory.mktemp("torchrun")
@@ -95,7 +95,7 @@ def test_train_w2_same_run_dir_and_accuracy(trained):
     assert m.state["item_factors"].shape == (1682, 32) and m.state["user_factors"].shape == (943, 32)
     assert torch.count_nonzero(m.state["item_bias"]) > 1500  # both shards' rows are trained
     state = ck.load_training_state(dist)
-    assert state["world_size"] == 2 and state["model"]["item_factors"].shape == (1682, 32)
+    assert state.world_size == 2 and state.model["item_factors"].shape == (1682, 32)
     rows = [json.loads(x) for x in (dist / ck.METRICS_FILE).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
 
@@ -108,7 +108,7 @@ def test_resume_at_other_world_size(trained, tmp_path):
     from svdfill.config import apply_overrides, load_config
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit, run_training
+    from svdfill.train import fit, run_training
 
     cfg = load_config(trained["cfg"])
     s1 = json.loads((trained["single"] / ck.SUMMARY_FILE).read_text())
@@ -145,7 +145,7 @@ def test_als_preset_w2_equals_one_process(tmp_path):
     all-reduced) trains the model one process trains, up to float summation order."""
     from svdfill import checkpoint as ck
     from svdfill.config import apply_overrides, load_config
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     ratings = _ml100k()
     torch.set_num_threads(1)
@@ -173,7 +173,7 @@ def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
     a one-process chain continues under W=2."""
     from svdfill import checkpoint as ck
     from svdfill.config import apply_overrides, load_config
-    from svdfill.launch.trainer import run_training
+    from svdfill.train import run_training
 
     ratings = _ml100k()
     torch.set_num_threads(1)
@@ -189,8 +189,8 @@ def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
     torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k", "--ratings", ratings,
              "--out", half, "--epochs", "10", "--quiet")
     state = ck.load_training_state(half)
-    assert state["world_size"] == 2 and state["solver"]["Q"].shape == (1682, 8)
-    assert state["solver"]["mean.v"].shape[0] == 1682
+    assert state.world_size == 2 and state.solver["Q"].shape == (1682, 8)
+    assert state.solver["mean.v"].shape[0] == 1682
     on = tmp_path / "w2_to_w1"
     on.mkdir()
     for f in (ck.CHECKPOINT_FILE, ck.CONFIG_FILE, ck.METRICS_FILE):
@@ -201,14 +201,14 @@ def test_gibbs_preset_w2_fits_as_one_process_and_resumes_in_one(tmp_path):
     # and the other way: one process to sweep 10, then torchrun W=2 from its checkpoint
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     back = tmp_path / "w1_to_w2"
     train, val = split(load_dataset(cfg.data)[0], how=cfg.data.split,
                        fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
     ck.save_config_echo(back, cfg)
     fit(apply_overrides(cfg, {"train.epochs": 10}), train, val, run_dir=back, quiet=True)
-    assert not (back / ck.MODEL_FILE).exists() and ck.load_training_state(back)["solver"]
+    assert not (back / ck.MODEL_FILE).exists() and ck.load_training_state(back).solver
     torchrun("svdfill.launch.torchrun_train", "--config", "ml-100k", "--ratings", ratings,
              "--out", back, "--resume", "--quiet")
     s4 = json.loads((back / ck.SUMMARY_FILE).read_text())

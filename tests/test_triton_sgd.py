@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install 'svdfill[triton]'); "
                                      "the fused kernels and their tests need it")
 
+from reference import sgd_step_reference as reference_step  # noqa: E402
 from svdfill.kernels.triton_sgd import fused_sgd_step  # noqa: E402
 
 HP = dict(lr=0.05, reg_factors=0.02, reg_bias=0.01)
@@ -19,19 +20,6 @@ HP = dict(lr=0.05, reg_factors=0.02, reg_bias=0.01)
 def device(kernel_device):
     """cpu (Triton's interpreter) and cuda (compiled): conftest.kernel_device."""
     return kernel_device
-
-
-def reference_step(P, Q, bu, bi, mu, users, items, ratings, *, lr, reg_factors, reg_bias):
-    """The contract in float64: deltas from pre-update values, repeated rows summed."""
-    P, Q, bu, bi = (t.detach().double().cpu().clone() for t in (P, Q, bu, bi))
-    u, i, r = users.long().cpu(), items.long().cpu(), ratings.double().cpu()
-    p, q, b1, b2 = P[u], Q[i], bu[u], bi[i]
-    e = r - (mu + b1 + b2 + (p * q).sum(1))
-    P.index_add_(0, u, lr * (e[:, None] * q - reg_factors * p))
-    Q.index_add_(0, i, lr * (e[:, None] * p - reg_factors * q))
-    bu.index_add_(0, u, lr * (e - reg_bias * b1))
-    bi.index_add_(0, i, lr * (e - reg_bias * b2))
-    return P, Q, bu, bi
 
 
 def tables(U, I, d, seed, device="cpu"):

@@ -42,9 +42,9 @@ def test_compiled_kernels_need_triton_3_5(monkeypatch):
     monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 4))
     assert triton_util.triton_mode("cuda") is None
     assert "older than 3.5" in triton_util.unavailable_reason("cuda")
-    from svdfill.kernels import fill as F
+    from svdfill.kernels import dispatch
 
-    assert F._triton_impl(torch.device("cuda")) is None  # auto: the tiles, with no trial
+    assert dispatch.fused_fill(torch.device("cuda")) is None  # auto: the tiles, with no trial
     monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 6))
     assert triton_util.triton_mode("cuda") == "compiled"
     monkeypatch.setattr(triton_util, "triton_version", lambda: (3, 4))
@@ -62,6 +62,48 @@ def test_launch_refuses_without_a_mode(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         triton_util.launch(lambda: None, "cpu", (1,))
+
+
+def test_launch_enters_the_tensors_device(monkeypatch):
+    """Every launch runs inside device_guard(device): on CUDA that is
+    torch.cuda.device(device), so tensors on cuda:1 launch on GPU 1 whatever the current
+    device. Checked here on the interpreter path with a recording guard, and on the guard
+    itself (constructing a torch.cuda.device needs no GPU)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(triton_util, "device_guard", Recorder)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.zeros(64)
+    triton_util.launch(_chunked_ones, x.device, (2,), x, 50, 32, B=16)
+    assert entered == [torch.device("cpu"), "exit"] and float(x.sum()) == 4.0
+    monkeypatch.undo()
+    guard = triton_util.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(triton_util.device_guard("cpu"), torch.cuda.device)
+
+
+@pytest.mark.cuda
+def test_launch_on_a_second_gpu_from_the_first(cuda, monkeypatch):
+    """The real case: current device 0, tensors on cuda:1 (skipped with fewer GPUs)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.cuda.set_device(0)
+    x = torch.zeros(64, device="cuda:1")
+    triton_util.launch(_chunked_ones, x.device, (2,), x, 50, 32, B=16)
+    assert float(x.sum()) == 4.0 and torch.cuda.current_device() == 0
 
 
 def _chunked_ones(X, n, chunk, B: tl.constexpr):

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess_harness import RankFailed, run_ranks
 
 from svdfill.distributed.world import DistWorld, World
 
@@ -29,126 +26,93 @@ def test_single_process_world_is_identity():
     assert w.with_shard(2, 5).item_range(7) == (2, 5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-
-
 def _collectives(rank: int, world_size: int) -> None:
-    if True:
-        shards = [(0, 3), (3, 8)]  # uneven on purpose
-        w = DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards)
-        assert w.item_range(8) == shards[rank] and w.is_main == (rank == 0)
-        t = torch.tensor([1.0, rank + 1.0])
-        w.all_reduce_sum(t)
-        assert t.tolist() == [2.0, 3.0]
-        assert w.all_reduce_max_int(10 + rank) == 11
-        assert w.broadcast_object({"r": rank}) == {"r": 0}
-        full_q = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
-        full_b = torch.arange(8, dtype=torch.float32) * -1
-        lo, hi = shards[rank]
-        got = w.gather_items({"item_factors": full_q[lo:hi], "item_bias": full_b[lo:hi]}, 8)
-        if rank == 0:
-            assert torch.equal(got["item_factors"], full_q) and torch.equal(got["item_bias"], full_b)
-        else:
-            assert got is None
+    shards = [(0, 3), (3, 8)]  # uneven on purpose
+    w = DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards)
+    assert w.item_range(8) == shards[rank] and w.is_main == (rank == 0)
+    t = torch.tensor([1.0, rank + 1.0])
+    w.all_reduce_sum(t)
+    assert t.tolist() == [2.0, 3.0]
+    assert w.all_reduce_max_int(10 + rank) == 11
+    assert w.broadcast_object({"r": rank}) == {"r": 0}
+    full_q = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    full_b = torch.arange(8, dtype=torch.float32) * -1
+    lo, hi = shards[rank]
+    got = w.gather_items({"item_factors": full_q[lo:hi], "item_bias": full_b[lo:hi]}, 8)
+    if rank == 0:
+        assert torch.equal(got["item_factors"], full_q) and torch.equal(got["item_bias"], full_b)
+    else:
+        assert got is None
 
-        # shard top-k gathered and merged equals the top-k over all items
-        from svdfill.distributed.gather import gather_topk
-        from svdfill.kernels.fill import fill_topk
+    # shard top-k gathered and merged equals the top-k over all items
+    from svdfill.distributed.gather import gather_topk
+    from svdfill.kernels.fill import fill_topk
 
-        g = torch.Generator().manual_seed(0)
-        P, Q = torch.randn(5, 4, generator=g), torch.randn(8, 4, generator=g)
-        bu, bi = torch.randn(5, generator=g), torch.randn(8, generator=g)
-        Q[6] = Q[1]; bi[6] = bi[1]  # a tie across shards → lower id wins
-        ref = fill_topk(P, Q, bu, bi, 3.5, 4)
-        s, i = fill_topk(P, Q[lo:hi], bu, bi[lo:hi], 3.5, 4, item_offset=lo)
-        merged = gather_topk(s, i, world_size, rank, torch.device("cpu"))
-        if rank == 0:
-            # same items; scores equal up to the GEMM's rounding for another matrix shape
-            assert torch.equal(merged[1], ref[1])
-            torch.testing.assert_close(merged[0], ref[0], rtol=1e-6, atol=1e-6)
-        else:
-            assert merged is None
-        w.barrier()
-
-
-def _run(fn, world_size=2, *args):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=fn, args=(r, world_size, port, errors, *args)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():  # pragma: no cover
-            p.kill()
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    g = torch.Generator().manual_seed(0)
+    P, Q = torch.randn(5, 4, generator=g), torch.randn(8, 4, generator=g)
+    bu, bi = torch.randn(5, generator=g), torch.randn(8, generator=g)
+    Q[6] = Q[1]; bi[6] = bi[1]  # a tie across shards → lower id wins
+    ref = fill_topk(P, Q, bu, bi, 3.5, 4)
+    s, i = fill_topk(P, Q[lo:hi], bu, bi[lo:hi], 3.5, 4, item_offset=lo)
+    merged = gather_topk(s, i, world_size, rank, torch.device("cpu"))
+    if rank == 0:
+        # same items; scores equal up to the GEMM's rounding for another matrix shape
+        assert torch.equal(merged[1], ref[1])
+        torch.testing.assert_close(merged[0], ref[0], rtol=1e-6, atol=1e-6)
+    else:
+        assert merged is None
+    w.barrier()
 
 
 def _ddp_step(rank: int, world_size: int, sparse: bool) -> None:
     """One W=2 DDP step over item-sharded batches equals one single-process step over
     their union (summed loss): user tables identical on both ranks and equal to the
     reference; each rank's item rows updated as in the reference."""
-    if True:
-        from svdfill.kernels.model import BiasedMF
+    from svdfill.kernels.model import BiasedMF
 
-        U, I, d = 6, 5, 3
-        shards = [(0, 2), (2, 5)]
-        lo, hi = shards[rank]
-        g = torch.Generator().manual_seed(1)
-        users = torch.randint(0, U, (40,), generator=g)
-        items = torch.randint(0, I, (40,), generator=g)
-        ratings = torch.rand(40, generator=g) * 4 + 1
+    U, I, d = 6, 5, 3
+    shards = [(0, 2), (2, 5)]
+    lo, hi = shards[rank]
+    g = torch.Generator().manual_seed(1)
+    users = torch.randint(0, U, (40,), generator=g)
+    items = torch.randint(0, I, (40,), generator=g)
+    ratings = torch.rand(40, generator=g) * 4 + 1
 
-        def model_for(n_items, offset):
-            kw = {"sparse": sparse} if sparse else {}
-            m = BiasedMF(U, I, d, init_std=0.1, global_mean=3.0, seed=0, **kw)
-            full = {k: v.detach().clone() for k, v in m.state_dict().items()}
-            m2 = BiasedMF(U, n_items, d, init_std=0.1, global_mean=3.0, seed=0, item_offset=offset, **kw)
-            with torch.no_grad():
-                for k in ("user_factors", "user_bias"):
-                    getattr(m2, k).copy_(full[k])
-                m2.item_factors.copy_(full["item_factors"][offset:offset + n_items])
-                m2.item_bias.copy_(full["item_bias"][offset:offset + n_items])
-            return m2
+    def model_for(n_items, offset):
+        kw = {"sparse": sparse} if sparse else {}
+        m = BiasedMF(U, I, d, init_std=0.1, global_mean=3.0, seed=0, **kw)
+        full = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        m2 = BiasedMF(U, n_items, d, init_std=0.1, global_mean=3.0, seed=0, item_offset=offset, **kw)
+        with torch.no_grad():
+            for k in ("user_factors", "user_bias"):
+                getattr(m2, k).copy_(full[k])
+            m2.item_factors.copy_(full["item_factors"][offset:offset + n_items])
+            m2.item_bias.copy_(full["item_bias"][offset:offset + n_items])
+        return m2
 
-        def step(model, wrapped, u, i, r):
-            pred = wrapped(u, i)
-            loss = ((pred - r) ** 2).sum()
-            loss.backward()
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.grad is not None:
-                        g_ = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                        p -= 0.05 * g_
-                        p.grad = None
+    def step(model, wrapped, u, i, r):
+        pred = wrapped(u, i)
+        loss = ((pred - r) ** 2).sum()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    g_ = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                    p -= 0.05 * g_
+                    p.grad = None
 
-        ref = model_for(I, 0)
-        step(ref, ref, users, items, ratings)
+    ref = model_for(I, 0)
+    step(ref, ref, users, items, ratings)
 
-        w = DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards, sparse_users=sparse)
-        mine = model_for(hi - lo, lo)
-        keep = (items >= lo) & (items < hi)
-        wrapped = w.wrap(mine)
-        step(mine, wrapped, users[keep], items[keep] - lo, ratings[keep])
-        torch.testing.assert_close(mine.user_factors, ref.user_factors, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mine.user_bias, ref.user_bias, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mine.item_factors, ref.item_factors[lo:hi], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mine.item_bias, ref.item_bias[lo:hi], rtol=1e-5, atol=1e-6)
+    w = DistWorld(rank, world_size, torch.device("cpu"), "gloo", shards, sparse_users=sparse)
+    mine = model_for(hi - lo, lo)
+    keep = (items >= lo) & (items < hi)
+    wrapped = w.wrap(mine)
+    step(mine, wrapped, users[keep], items[keep] - lo, ratings[keep])
+    torch.testing.assert_close(mine.user_factors, ref.user_factors, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine.user_bias, ref.user_bias, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine.item_factors, ref.item_factors[lo:hi], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mine.item_bias, ref.item_bias[lo:hi], rtol=1e-5, atol=1e-6)
 
 
 def _sparse_adam_fits(rank: int, world_size: int) -> None:
@@ -158,7 +122,7 @@ def _sparse_adam_fits(rank: int, world_size: int) -> None:
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
     from svdfill.distributed.sharding import even_shards
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
     from test_row_optim import _trainer_cfg
 
     cfg = _trainer_cfg()
@@ -203,7 +167,7 @@ def _als_fits(rank: int, world_size: int) -> None:
     from svdfill.data.dataset import load_dataset
     from svdfill.data.split import split
     from svdfill.distributed.sharding import even_shards
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
     from test_row_optim import _trainer_cfg
 
     cfg = apply_overrides(_trainer_cfg(), {"train.solver": "als", "train.reg_factors": 0.05,
@@ -227,23 +191,31 @@ def _als_fits(rank: int, world_size: int) -> None:
             torch.testing.assert_close(got.state[k], ref.state[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
-def _all_checks(rank: int, world_size: int, port: int, errors) -> None:
+def _all_checks(rank: int, world_size: int) -> None:
     """Everything in one process group (spawning costs more than the checks)."""
-    try:
-        _init(rank, world_size, port)
-        _collectives(rank, world_size)
-        _ddp_step(rank, world_size, sparse=False)  # dense all-reduce (what nccl does)
-        _ddp_step(rank, world_size, sparse=True)   # gloo's sparse all-reduce
-        _sparse_adam_fits(rank, world_size)
-        _als_fits(rank, world_size)
-        # leave together: a rank that tears its group down while the other still runs its
-        # last comparisons closes the sockets under gloo's threads (SIGABRT at exit)
-        dist.barrier()
-    except BaseException:  # pragma: no cover - reported to the parent
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    _collectives(rank, world_size)
+    _ddp_step(rank, world_size, sparse=False)  # dense all-reduce (what nccl does)
+    _ddp_step(rank, world_size, sparse=True)   # gloo's sparse all-reduce
+    _sparse_adam_fits(rank, world_size)
+    _als_fits(rank, world_size)
+
+
+def _echo_or_raise(rank: int, world_size: int, failing_rank: int) -> dict:
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    if rank == failing_rank:
+        raise ValueError(f"planted on rank {rank}")
+    return {"rank": rank, "sum": t.item()}
+
+
+@pytest.mark.multiprocess
+def test_harness_returns_each_rank_result_and_names_the_failing_rank():
+    """tests/multiprocess_harness.py: results come back in rank order; a rank that raises
+    is reported with its number and traceback while its peer, stuck in the next
+    collective, is stopped."""
+    assert run_ranks(_echo_or_raise, 2, -1) == [{"rank": 0, "sum": 3.0}, {"rank": 1, "sum": 3.0}]
+    with pytest.raises(RankFailed, match=r"(?s)rank 1 raised:.*ValueError: planted on rank 1"):
+        run_ranks(_echo_or_raise, 2, 1, timeout=60)
 
 
 @pytest.mark.multiprocess
@@ -252,7 +224,7 @@ def test_gloo_world_collectives_gathers_and_ddp():
     shards, shard top-k gather + merge, a DDP step (dense and sparse) that equals the
     single-process step over the union of the ranks' batches, sparse_adam training at
     W=2 (sparse DDP and dense sums) equal to one process, and ALS at W=2 equal to one process."""
-    _run(_all_checks)
+    run_ranks(_all_checks, 2)
 
 
 def test_backend_choice():
@@ -270,53 +242,44 @@ def test_backend_choice():
         assert init_from_env("cpu") == (0, 1, cpu, "gloo") and not dist.is_initialized()
 
 
-def _nccl_checks(rank: int, world_size: int, port: int, errors) -> None:
-    try:
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, device_id=torch.device("cuda", rank))
-        dev = torch.device("cuda", rank)
-        w = DistWorld(rank, world_size, dev, "nccl", [(0, 3), (3, 8)][:world_size] if world_size == 2 else [(0, 8)])
-        assert w.comm_device == dev and not w.sparse_users
-        t = torch.ones(2, device=dev)
-        assert w.all_reduce_sum(t).tolist() == [world_size] * 2
-        cpu_t = torch.ones(2)  # CPU tensors travel through the GPU and come back
-        assert w.all_reduce_sum(cpu_t).device.type == "cpu" and cpu_t.tolist() == [world_size] * 2
-        assert w.all_reduce_max_int(rank) == world_size - 1
-        lo, hi = w.item_range(8)
-        full = torch.arange(8.0, device=dev)
-        got = w.gather_items({"item_bias": full[lo:hi]}, 8)
-        if rank == 0:
-            assert torch.equal(got["item_bias"], full)
-        from svdfill.kernels.model import BiasedMF
+def _nccl_checks(rank: int, world_size: int) -> None:
+    dev = torch.device("cuda", rank)
+    w = DistWorld(rank, world_size, dev, "nccl", [(0, 3), (3, 8)][:world_size] if world_size == 2 else [(0, 8)])
+    assert w.comm_device == dev and not w.sparse_users
+    t = torch.ones(2, device=dev)
+    assert w.all_reduce_sum(t).tolist() == [world_size] * 2
+    cpu_t = torch.ones(2)  # CPU tensors travel through the GPU and come back
+    assert w.all_reduce_sum(cpu_t).device.type == "cpu" and cpu_t.tolist() == [world_size] * 2
+    assert w.all_reduce_max_int(rank) == world_size - 1
+    lo, hi = w.item_range(8)
+    full = torch.arange(8.0, device=dev)
+    got = w.gather_items({"item_bias": full[lo:hi]}, 8)
+    if rank == 0:
+        assert torch.equal(got["item_bias"], full)
+    from svdfill.kernels.model import BiasedMF
 
-        m = BiasedMF(5, hi - lo, 3, init_std=0.1, seed=0, item_offset=lo).to(dev)
-        wrapped = w.wrap(m)  # dense DDP over the user table on nccl
-        wrapped(torch.tensor([0, 1], device=dev), torch.tensor([0, 1], device=dev)).sum().backward()
-        assert m.user_factors.grad is not None and not m.user_factors.grad.is_sparse
-        # sparse_adam on nccl: the user sums travel densely (DDP cannot carry sparse grads)
-        from svdfill.config import apply_overrides
-        from svdfill.data.dataset import load_dataset
-        from svdfill.data.split import split
-        from svdfill.distributed.sharding import even_shards
-        from svdfill.launch.trainer import fit
-        from test_row_optim import _trainer_cfg
+    m = BiasedMF(5, hi - lo, 3, init_std=0.1, seed=0, item_offset=lo).to(dev)
+    wrapped = w.wrap(m)  # dense DDP over the user table on nccl
+    wrapped(torch.tensor([0, 1], device=dev), torch.tensor([0, 1], device=dev)).sum().backward()
+    assert m.user_factors.grad is not None and not m.user_factors.grad.is_sparse
+    # sparse_adam on nccl: the user sums travel densely (DDP cannot carry sparse grads)
+    from svdfill.config import apply_overrides
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.split import split
+    from svdfill.distributed.sharding import even_shards
+    from svdfill.train import fit
+    from test_row_optim import _trainer_cfg
 
-        cfg = apply_overrides(_trainer_cfg(), {"train.kernel": "fused", "train.device": "cuda"})
-        train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
-        res = fit(cfg, train, val, w.with_shards(even_shards(train.n_items, world_size)),
-                  quiet=True)
-        assert res.summary["val_rmse"] < res.history[0]["val_rmse"] - 0.005
-        w.barrier()
-    except BaseException:  # pragma: no cover
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    cfg = apply_overrides(_trainer_cfg(), {"train.kernel": "fused", "train.device": "cuda"})
+    train, val = split(load_dataset(cfg.data)[0], fraction=0.1, seed=0)
+    res = fit(cfg, train, val, w.with_shards(even_shards(train.n_items, world_size)),
+              quiet=True)
+    assert res.summary["val_rmse"] < res.history[0]["val_rmse"] - 0.005
+    w.barrier()
 
 
 @pytest.mark.multiprocess
 @pytest.mark.cuda
 def test_nccl_world(cuda):
     """nccl with one rank per GPU (2 when the machine has them, else 1)."""
-    _run(_nccl_checks, min(2, torch.cuda.device_count()))
+    run_ranks(_nccl_checks, min(2, torch.cuda.device_count()), backend="nccl")

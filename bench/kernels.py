@@ -38,7 +38,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-SHAPES = ("train-100m", "train-ml1m", "fill-1m")
+# each shape's (full, --smoke) sizes: train (users, items, ratings, batch, epochs, lr, Adam lr);
+# fill (users, items, d, k, seen items per user)
+_SIZES = {
+    "train-100m": ((600_000, 3000, 100_000_000, 1 << 20, 3, 0.005, 0.01),
+                   (500, 100, 5000, 1024, 2, 0.005, 0.01)),
+    "train-ml1m": ((6040, 3706, 1_000_209, 1024, 15, 0.01, 0.003),
+                   (604, 371, 3000, 1024, 2, 0.01, 0.003)),
+    "fill-1m": ((1_000_000, 1_000_000, 128, 100, 100), (100, 300, 16, 10, 20)),
+}
+SHAPES = tuple(_SIZES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -450,6 +459,12 @@ def _bench_fill(torch, timer, report, args, device, bw, name, n_users, n_items, 
                    floors[dt], note=f"timed on {sample:,} users, scaled ×{n_users / sample:.1f}")
 
     # fused, all users; then agreement with torch on the first check_users users
+    from svdfill.kernels.triton_util import triton_mode, unavailable_reason
+
+    if triton_mode(device) is None:  # the fused fill raises there; say why instead of a row
+        report.add(name, "fused fill: not measured", None, pairs, "pairs", None,
+                   note=unavailable_reason(device))
+        return
     check = min(args.check_users, sample)
     runs = [(dt, {}) for dt in dtypes]
     runs += [(dt, {"block_u": c[0], "block_i": c[1], "num_warps": c[2]})
@@ -485,7 +500,7 @@ def _configs(text: str, n: int) -> list[tuple[int, ...]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         nums = part.lower().split("x")
         if len(nums) != n or not all(x.isdigit() for x in nums):
-            from svdfill.launch.errors import UserError
+            from svdfill.errors import UserError
 
             raise UserError(f"bench kernels: tile config {part!r} must be {n} numbers joined by 'x'")
         out.append(tuple(int(x) for x in nums))
@@ -535,7 +550,7 @@ def _main(args: argparse.Namespace) -> int:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        from svdfill.launch.errors import UserError
+        from svdfill.errors import UserError
 
         raise UserError(f"bench kernels: unknown shape(s) {', '.join(unknown)}; "
                         f"choose from {', '.join(SHAPES)}")
@@ -557,7 +572,7 @@ def _main(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
         device_name = f"cpu ({torch.get_num_threads()} threads; torch rows only)"
         if "fill-1m" in shapes:
-            from svdfill.launch.errors import UserError
+            from svdfill.errors import UserError
 
             raise UserError("bench kernels --device cpu: fill-1m is a GPU shape (`svdfill "
                             "bench fill` measures the CPU fill); use --shapes train-ml1m")
@@ -581,28 +596,13 @@ def _main(args: argparse.Namespace) -> int:
 
     with torch.no_grad():
         for shape in shapes:
-            if shape == "train-100m":
-                if args.smoke:
-                    _bench_train(torch, timer, report, args, device, bw, shape, 500, 100,
-                                 5000, 1024, args.epochs or 2, lr=0.005, adam_lr=0.01)
-                else:
-                    _bench_train(torch, timer, report, args, device, bw, shape, 600_000, 3000,
-                                 100_000_000, 1 << 20, args.epochs or 3, lr=0.005,
-                                 adam_lr=0.01)
-            elif shape == "train-ml1m":
-                if args.smoke:
-                    _bench_train(torch, timer, report, args, device, bw, shape, 604, 371,
-                                 3000, 1024, args.epochs or 2, lr=0.01, adam_lr=0.003)
-                else:
-                    _bench_train(torch, timer, report, args, device, bw, shape, 6040, 3706,
-                                 1_000_209, 1024, args.epochs or 15, lr=0.01,
-                                 adam_lr=0.003)
-            elif shape == "fill-1m":
-                if args.smoke:
-                    _bench_fill(torch, timer, report, args, device, bw, shape, 100, 300, 16, 10, 20)
-                else:
-                    _bench_fill(torch, timer, report, args, device, bw, shape, 1_000_000,
-                                1_000_000, 128, 100, 100)
+            sizes = _SIZES[shape][1 if args.smoke else 0]
+            if shape.startswith("train-"):
+                *dims, epochs, lr, adam_lr = sizes
+                _bench_train(torch, timer, report, args, device, bw, shape, *dims,
+                             args.epochs or epochs, lr=lr, adam_lr=adam_lr)
+            else:
+                _bench_fill(torch, timer, report, args, device, bw, shape, *sizes)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(report.table())

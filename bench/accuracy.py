@@ -14,7 +14,7 @@ Protocol (printed with the table):
 * Surprise's ``SVD`` gets the exact same training triples (``Dataset.load_from_df`` +
   ``build_full_trainset``) and is tested on the same held-out list; once with its defaults
   and once with ``n_factors``/``n_epochs`` matched to svdfill's default config.
-* With ``--peer spark``, Spark MLlib's ALS (:mod:`svdfill.launch.peer_spark`, a local Spark
+* With ``--peer spark``, Spark MLlib's ALS (:mod:`svdfill.bench.peer_spark`, a local Spark
   on all cores) gets the same triples too: once with its defaults (rank 10, maxIter 10,
   regParam 0.1) and once with the rank matched to svdfill's config; test pairs it cannot
   score (cold) get the training mean, as Surprise does.
@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -75,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- helpers ---------------------------------------------------------------------------------
 
 def _parse_seeds(text: str) -> list[int]:
-    from svdfill.launch.errors import UserError
+    from svdfill.errors import UserError
 
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -159,7 +158,7 @@ def run_svdfill(cfg, train, test, seed: int, lo: float, hi: float) -> dict:
     from svdfill.config import apply_overrides
     from svdfill.data.split import split
     from svdfill.kernels.model import BiasedMF
-    from svdfill.launch.trainer import fit
+    from svdfill.train import fit
 
     cfg = apply_overrides(cfg, {"train.seed": seed, "data.split_seed": seed}, "bench accuracy")
     needs_val = cfg.train.patience > 0 or cfg.train.refit
@@ -218,7 +217,7 @@ def run_spark(spark, train, test, seed: int, lo: float, hi: float, *, rank: int)
     scored on ``test``'s."""
     import torch
 
-    from svdfill.launch.peer_spark import fit_als
+    from svdfill.bench.peer_spark import fit_als
 
     res = fit_als(spark, train, test, lo, hi, rank=rank, max_iter=10, reg=0.1, seed=seed)
     pred = torch.from_numpy(res["predictions"])
@@ -233,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from svdfill.data.split import split
-    from svdfill.launch.errors import UserError
+    from svdfill.errors import UserError
 
     seeds = _parse_seeds(args.seeds)
     if args.threads < 0:
@@ -255,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
     spark_runs: list[tuple[str, int]] = []  # (row name, rank)
     why_no_spark = None
     if "spark" in args.peer:
-        from svdfill.launch.peer_spark import spark_available
+        from svdfill.bench.peer_spark import spark_available
 
         why_no_spark = spark_available()
         if why_no_spark is None:
@@ -267,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
     per_seed: dict[str, list[dict]] = {n: [] for n in names}
     log(f"bench accuracy: {label}, {len(ratings):,} ratings, seeds {seeds}"
         + (" (quick)" if args.quick else ""))
-    from svdfill.launch.peer_spark import local_spark  # pyspark itself loads only if started
+    from svdfill.bench.peer_spark import local_spark  # pyspark itself loads only if started
 
     with local_spark() if spark_runs else contextlib.nullcontext() as spark:
         if spark is not None:
@@ -358,11 +357,3 @@ def format_table(rows: list[dict], *, label: str, n: int, seeds: list[int], quic
         out.append(f"(Surprise rows skipped: {why_no_surprise})")
     return "\n".join(out)
 
-
-if __name__ == "__main__":  # pragma: no cover - `python -m svdfill.launch.bench_accuracy`
-    from svdfill.launch.errors import run_reporting_errors
-
-    _p = argparse.ArgumentParser(prog="svdfill bench accuracy", description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    _a = _p.parse_args()
-    sys.exit(run_reporting_errors(lambda: main(_a)))

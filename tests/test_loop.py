@@ -1,10 +1,10 @@
-"""launch.trainer.fit: convergence to the planted noise, determinism, early stopping,
-refit, cold rows, every optimizer, resume equivalence, the fused-kernel fallback."""
+"""svdfill.train.loop.fit: convergence to the planted noise, determinism, early stopping,
+refit, cold rows, resume equivalence, the train-metrics sample. (Each method:
+test_solvers.py; the run directory: test_run_dir.py.)"""
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ import torch
 from svdfill.config import Config, apply_overrides
 from svdfill.data.dataset import Ratings, load_dataset
 from svdfill.data.split import split
-from svdfill.launch.trainer import config_differences, fit, localize
+from svdfill.train import fit
 
 SMALL = {"data.synthetic.n_users": 600, "data.synthetic.n_items": 200,
          "data.synthetic.n_ratings": 20_000, "data.synthetic.rank": 4,
@@ -61,20 +61,6 @@ def test_cpu_training_is_deterministic_to_the_last_digit():
         assert torch.equal(a.state[k], b.state[k])
     c = fit(apply_overrides(cfg, {"train.seed": 1}), train, val, quiet=True)
     assert strip(c.history) != strip(a.history)
-
-
-@pytest.mark.parametrize("opt,lr", [("sgd", 0.02), ("adam", 0.01), ("adagrad", 0.1), ("sparse_adam", 0.01)])
-def test_every_optimizer_learns(opt, lr):
-    cfg = _cfg(**{"train.optimizer": opt, "train.lr": lr, "train.epochs": 4,
-                  "train.weight_decay": 1e-5 if opt == "adam" else 0.0})
-    train, val = _data(cfg)
-    res = fit(cfg, train, val, quiet=True)
-    rm = [r["val_rmse"] for r in res.history]
-    assert all(math.isfinite(x) for x in rm)
-    # better than predicting the global mean
-    mu = train.mean()
-    base = float(((val.ratings.double() - mu) ** 2).mean().sqrt())
-    assert res.summary["val_rmse"] < base - 0.1, (opt, rm, base)
 
 
 def test_early_stopping_restores_the_best_weights():
@@ -149,72 +135,6 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
     a = {k: v for k, v in full.summary.items() if k != "train_seconds"}
     b = {k: v for k, v in resumed.summary.items() if k != "train_seconds"}
     assert a == b
-
-
-def test_fused_kernel_falls_back_to_torch_on_cpu_with_one_warning():
-    import svdfill.launch.trainer as trainer
-
-    cfg = _cfg(**{"train.epochs": 2})
-    train, val = _data(cfg)
-    ref = fit(cfg, train, val, quiet=True)
-    trainer._FUSED_WARNED = False
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        got = fit(apply_overrides(cfg, {"train.kernel": "fused"}), train, val, quiet=True)
-        fit(apply_overrides(cfg, {"train.kernel": "fused", "train.epochs": 1}), train, val, quiet=True)
-    assert sum("fused" in str(x.message) for x in w) == 1
-    assert got.summary["val_rmse"] == ref.summary["val_rmse"]
-
-
-def test_als_solver_runs_through_the_same_loop():
-    pytest.importorskip("svdfill.kernels.als")
-    cfg = _cfg(**{"train.solver": "als", "train.epochs": 4, "train.reg_factors": 0.1,
-                  "train.reg_bias": 0.1})
-    train, val = _data(cfg)
-    res = fit(cfg, train, val, quiet=True)
-    assert res.summary["val_rmse"] < 0.65 and res.summary["optimizer"] is None
-
-
-def test_gibbs_solver_averages_after_burn_in_and_resumes_exactly(tmp_path):
-    cfg = _cfg(**{"train.solver": "gibbs", "train.epochs": 8, "train.burn_in": 2,
-                  "train.reg_factors": 0.1, "train.reg_bias": 0.1, "train.checkpoint_every": 3})
-    train, val = _data(cfg)
-    full = fit(cfg, train, val, None, tmp_path / "a", quiet=True)
-    assert [r["samples"] for r in full.history] == [0, 0, 1, 2, 3, 4, 5, 6]
-    assert all(0.3 < r["noise_sigma"] < 0.8 for r in full.history)
-    # averaging draws improves on the single draws of the burn-in
-    assert full.history[-1]["val_rmse"] < full.history[1]["val_rmse"]
-    assert full.summary["val_rmse"] < 0.5 * 1.1 and full.summary["solver"] == "gibbs"
-    assert full.state["user_factors"].shape == (600, 4)
-    # stopped at its epoch-3 checkpoint, then resumed: the same chain, the same numbers
-    fit(apply_overrides(cfg, {"train.epochs": 3}), train, val, None, tmp_path / "b", quiet=True)
-    resumed = fit(cfg, train, val, None, tmp_path / "b", resume=True, quiet=True)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
-    assert strip(resumed.history) == strip(full.history)
-    for k in full.state:
-        assert torch.equal(resumed.state[k], full.state[k]), k
-
-
-def test_gibbs_refit():
-    cfg = _cfg(**{"train.solver": "gibbs", "train.epochs": 4, "train.burn_in": 1,
-                  "train.patience": 2, "train.refit": True})
-    train, val = _data(cfg)
-    res = fit(cfg, train, val, quiet=True)
-    assert res.summary["refit"]["epochs"] == res.summary["best_epoch"]
-    assert [r["phase"] for r in res.history].count("refit") == res.summary["best_epoch"]
-
-
-def test_localize_and_config_differences():
-    r = Ratings(torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 4], dtype=torch.int32),
-                torch.tensor([1.0, 2.0, 3.0]), 3, 5)
-    assert localize(r, 0, 5) is r
-    loc = localize(r, 3, 5)
-    assert loc.items.tolist() == [0, 1] and loc.users.tolist() == [1, 2] and loc.n_items == 2
-    from svdfill.config import to_dict
-
-    a = to_dict(Config())
-    b = to_dict(apply_overrides(Config(), {"train.epochs": 3, "train.lr": 0.5, "fill.k": 3}))
-    assert config_differences(a, b) == ["train.lr"]
 
 
 def test_train_metrics_on_a_fixed_sample():

@@ -14,7 +14,7 @@ Rows per shape (synthetic factors and seen sets, made in seconds):
   matrices (biases folded in as ``[p_u, 1]·[q_i, b_i]``, so the rankings are the same);
 - ``Spark ALS recommendForAllUsers`` (``--peer spark``, CPU): Spark MLlib's ``ALSModel``
   loaded with the same folded factors, its top-k for all users written to Parquet
-  (:mod:`svdfill.launch.peer_spark`). Spark has no seen-item filter, so its items are
+  (:mod:`svdfill.bench.peer_spark`). Spark has no seen-item filter, so its items are
   compared with ``fill_topk`` without exclusion.
 
 Throughput is pairs scored per second (U × I / wall time); ratios are against the
@@ -153,7 +153,8 @@ def time_dense(state: dict, seen, k: int, device) -> tuple[float, float]:
 
 def time_fill(state: dict, seen, k: int, device, dtype: str) -> tuple[float, float]:
     """Best (wall, CPU) seconds of fill_topk over up to 4 runs (1 when a run takes > 1 s)."""
-    from svdfill.kernels.fill import AUTO_TRIAL_USERS, csr_slice, fill_topk
+    from svdfill.kernels.dispatch import AUTO_TRIAL_USERS
+    from svdfill.kernels.fill import csr_slice, fill_topk
 
     # on CUDA the first call of a shape times the fused kernel against the tiles and
     # compiles it: done here on a trial-sized prefix, so the timed runs are the steady state
@@ -180,7 +181,7 @@ def time_export(state: dict, seen, k: int, device, dtype: str) -> tuple[float, f
     import numpy as np
 
     from svdfill.data.idmap import IdMap
-    from svdfill.launch.cmd_fill import export_fill
+    from svdfill.fill.export import export_fill
 
     n_users, n_items = state["user_factors"].shape[0], state["item_factors"].shape[0]
     idmap = IdMap(np.arange(n_users, dtype=np.int64), np.arange(n_items, dtype=np.int64))
@@ -314,7 +315,7 @@ def run_shape(name: str, device, args) -> list[tuple]:
 
 def _kernel_note(device, d: int, k: int) -> str:
     """Which kernel fill_topk's ``auto`` chose for this shape (CUDA), and on what timing."""
-    from svdfill.kernels.fill import kernel_choices
+    from svdfill.kernels.dispatch import kernel_choices
 
     for key, ch in kernel_choices().items():
         if key[0].startswith(device.type) and key[1:3] == (d, k):
@@ -333,7 +334,7 @@ def _spark_row(name: str, state: dict, k: int, pairs: int) -> tuple:
     how many of its items equal fill_topk's without seen exclusion (Spark has none)."""
     import torch
 
-    from svdfill.launch.peer_spark import local_spark, recommend_all, spark_available
+    from svdfill.bench.peer_spark import local_spark, recommend_all, spark_available
 
     if name == "1m":
         return (SPARK_LABEL, None, None, None, "skipped: 1m shape is GPU-only here")
@@ -362,9 +363,9 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from svdfill.launch.cmd_fill import resolve_device
-
-    device = resolve_device(args.device)
+    # `svdfill bench fill` has checked --device already (launch.cmd_bench); None: cuda if present
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device in (None, "", "auto") else args.device)
     shapes = args.shape or (["ml-1m", "600k"] + (["1m"] if device.type == "cuda" else []))
     cpu = platform.processor() or platform.machine()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

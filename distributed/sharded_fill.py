@@ -1,0 +1,223 @@
+"""The sharded fill: item shards held by other processes, one merged top-k per user block.
+
+W processes each hold one contiguous item shard of the model as a
+:class:`svdfill.fill.shard.ItemShard` (equal shards, :func:`even_shards`). The export
+(:func:`svdfill.fill.export.export_fill`, which still writes the one Parquet file here) walks
+the user blocks in order; for each block every shard computes its top-k with global item ids,
+and the W lists are merged with :func:`svdfill.kernels.fill.merge_topk` — exactly the
+one-process fill (ties → lower item id), whatever W is.
+
+:class:`ShardedFill` is that protocol, written once. A transport says how a block reaches
+the shards and how their lists come back:
+
+- ``start(state, seen, k=, device=, dtype=, memory_budget=)``: put the shards in place
+  (called once by ``svdfill fill`` after it has resolved the settings);
+- ``submit(rows) -> handle``: start computing one block (users int64 [B], CPU);
+- ``collect(handle) -> [(scores [B, k], items [B, k]), …]``: the W shard lists of it;
+- ``close()``: release the shards (after the last block, or after an early error).
+
+The base's :meth:`ShardedFill.blocks` (what the export calls, the ``ShardedTopk`` protocol of
+:mod:`svdfill.fill.export`) submits up to ``ahead`` blocks beyond the one it waits for, so
+shards compute while the export merges and writes, and merges on ``merge_device``.
+``shards_pick_dtype`` says whether each shard chooses its compute dtype for its own device
+(the command line then leaves the configured dtype alone).
+
+Transports:
+
+- :class:`TorchrunFill` (rank 0 of a torch.distributed group): rank 0 broadcasts each
+  block's users to the ranks (:meth:`DistWorld.broadcast_object`), computes shard 0 itself
+  and gathers the other ranks' lists (:func:`svdfill.distributed.gather.gather_lists`);
+  ranks > 0 run :func:`serve_torchrun`. Collectives pair up in order, so nothing is
+  submitted ahead (``ahead = 0``).
+- :class:`RayFill`: W Ray actors (:class:`svdfill.distributed.ray_fill.ShardActor`), the
+  model shipped once through the object store; ``ahead = 2`` blocks are queued on the actors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from svdfill.distributed.sharding import even_shards
+
+Tensor = torch.Tensor
+TopkList = tuple[Tensor, Tensor]
+
+
+class ShardedFill:
+    """Base of the sharded-fill transports (see the module docstring).
+
+    Subclasses implement :meth:`start`, :meth:`submit`, :meth:`collect` and may override
+    :meth:`close`; they set ``k`` and ``merge_device`` in :meth:`start`.
+    """
+
+    shards_pick_dtype: bool = False
+    """True: each shard holder picks its compute dtype for its own device (Ray actors)."""
+    ahead: int = 0
+    """Blocks submitted beyond the one being waited for."""
+    k: int = 0
+    merge_device: torch.device = torch.device("cpu")
+
+    def start(self, state: dict, seen, *, k: int, device: torch.device, dtype: str | None,
+              memory_budget: int | None) -> None:
+        raise NotImplementedError
+
+    def submit(self, rows: Tensor) -> Any:
+        raise NotImplementedError
+
+    def collect(self, handle: Any) -> list[TopkList]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the shards; safe to call when :meth:`start` never ran."""
+
+    def blocks(self, rows_of: Callable[[int], Any], n_blocks: int) -> "BlockPipeline":
+        """The block top-k function for the export: ``fn(b) -> (scores float32 [B, k],
+        items int64 [B, k])`` for blocks asked in increasing order; ``rows_of(b)``: the
+        users (int64 [B]) of block ``b``."""
+        return BlockPipeline(self, rows_of, n_blocks)
+
+
+class BlockPipeline:
+    """Walks the blocks of one export over a :class:`ShardedFill` (see
+    :meth:`ShardedFill.blocks`): blocks ``b .. b + ahead`` are submitted before block ``b``
+    is collected and merged; blocks skipped over (a resumed export) are dropped."""
+
+    def __init__(self, fill: ShardedFill, rows_of: Callable[[int], Any], n_blocks: int):
+        self.fill, self.rows_of, self.n_blocks = fill, rows_of, n_blocks
+        self.pending: dict[int, Any] = {}
+
+    def _submit(self, b: int) -> None:
+        if b in self.pending or b >= self.n_blocks:
+            return
+        rows = torch.as_tensor(self.rows_of(b)).to(torch.int64).cpu()
+        self.pending[b] = self.fill.submit(rows)
+
+    def __call__(self, b: int) -> TopkList:
+        from svdfill.kernels.fill import merge_topk
+
+        for old in [x for x in self.pending if x < b]:
+            del self.pending[old]
+        for ahead in range(b, b + 1 + max(0, self.fill.ahead)):
+            self._submit(ahead)
+        parts = self.fill.collect(self.pending.pop(b))
+        dev = self.fill.merge_device
+        return merge_topk([(s.to(dev), i.to(dev)) for s, i in parts], self.fill.k)
+
+
+# -- torchrun (torch.distributed) -------------------------------------------------------------
+
+class TorchrunFill(ShardedFill):
+    """Rank 0's side of the fill over a torch.distributed group: shard r on rank r.
+
+    ``world``: rank 0's :class:`svdfill.distributed.world.DistWorld`. The other ranks run
+    :func:`serve_torchrun` until :meth:`close` releases them; call :meth:`close` in all
+    cases (before :meth:`start` it tells them there is nothing to do).
+    """
+
+    def __init__(self, world):
+        self.world = world
+        self.merge_device = world.comm_device
+        self.started = False
+        self.shard = None
+
+    def start(self, state, seen, *, k, device, dtype, memory_budget) -> None:
+        from svdfill.fill.shard import ItemShard
+
+        self.world.broadcast_object({"cmd": "start", "k": k, "dtype": dtype, "budget": memory_budget,
+                                     "exclude": seen is not None})
+        self.started = True
+        self.k = k
+        shards = even_shards(int(state["item_factors"].shape[0]), self.world.world_size)
+        self.shard = ItemShard(state, shards[0], k=k, seen=seen, device=self.world.device,
+                               dtype=dtype, memory_budget=memory_budget)
+
+    def submit(self, rows: Tensor) -> TopkList:
+        self.world.broadcast_object({"cmd": "block", "rows": rows})
+        return self.shard.topk(rows)
+
+    def collect(self, handle: TopkList) -> list[TopkList]:
+        from svdfill.distributed.gather import gather_lists
+
+        w = self.world
+        return gather_lists(handle[0], handle[1], w.world_size, w.rank, w.comm_device)
+
+    def close(self) -> None:
+        self.world.broadcast_object({"cmd": "stop"} if self.started else None)
+
+
+def serve_torchrun(world, load: Callable[[bool], tuple[dict, Any]]) -> None:
+    """Ranks > 0 of :class:`TorchrunFill`: wait for rank 0's start, build this rank's
+    :class:`ItemShard`, answer blocks until rank 0 says stop. ``load(exclude_seen)`` returns
+    ``(state, seen CSR or None)`` of the model rank 0 fills."""
+    from svdfill.distributed.gather import gather_lists
+    from svdfill.fill.shard import ItemShard
+
+    msg = world.broadcast_object(None)
+    if msg is None or msg["cmd"] != "start":
+        return
+    state, seen = load(msg["exclude"])
+    shards = even_shards(int(state["item_factors"].shape[0]), world.world_size)
+    shard = ItemShard(state, shards[world.rank], k=msg["k"], seen=seen, device=world.device,
+                      dtype=msg["dtype"], memory_budget=msg["budget"])
+    while True:
+        msg = world.broadcast_object(None)
+        if msg is None or msg["cmd"] != "block":
+            return
+        s, i = shard.topk(msg["rows"])
+        gather_lists(s, i, world.world_size, world.rank, world.comm_device)
+
+
+# -- Ray actors -----------------------------------------------------------------------------
+
+class RayFill(ShardedFill):
+    """The fill over ``num_actors`` Ray actors, one item shard each (started by :meth:`start`
+    with :func:`svdfill.distributed.ray_fill.start_actors`; Ray must be initialized).
+
+    ``depth``: blocks queued on the actors ahead of the one being merged. ``on_start(actors,
+    shards)`` is called once they are up (for logs). The actors pick their compute dtype
+    for their own devices. :meth:`from_actors` wraps actors that are already running.
+    """
+
+    shards_pick_dtype = True
+
+    def __init__(self, num_actors: int, *, use_gpu: bool = False, depth: int = 2,
+                 spread: bool = True, num_cpus: float = 1.0, on_start=None):
+        self.num_actors, self.use_gpu, self.spread, self.num_cpus = num_actors, use_gpu, spread, num_cpus
+        self.ahead = max(1, depth)
+        self.on_start = on_start
+        self.actors: list = []
+        self.shards: list[tuple[int, int]] = []
+
+    @classmethod
+    def from_actors(cls, actors: list, k: int, *, depth: int = 2,
+                    merge_device: torch.device | None = None) -> "RayFill":
+        """Over running :class:`ShardActor` actors (started for top-``k``)."""
+        self = cls(len(actors), depth=depth)
+        self.actors, self.k = list(actors), k
+        self.merge_device = merge_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return self
+
+    def start(self, state, seen, *, k, device, dtype, memory_budget) -> None:
+        from svdfill.distributed.ray_fill import start_actors
+
+        self.actors, self.shards = start_actors(state, seen, self.num_actors, k=k, use_gpu=self.use_gpu,
+                                                dtype=dtype, memory_budget=memory_budget,
+                                                spread=self.spread, num_cpus=self.num_cpus)
+        self.k, self.merge_device = k, torch.device(device)
+        if self.on_start is not None:
+            self.on_start(self.actors, self.shards)
+
+    def submit(self, rows: Tensor) -> list:
+        import ray
+
+        ref = ray.put(np.asarray(rows.numpy(), dtype=np.int64))
+        return [a.topk.remote(ref) for a in self.actors]
+
+    def collect(self, handle: list) -> list[TopkList]:
+        import ray
+
+        # object-store arrays are read-only views: copied for torch
+        return [(torch.from_numpy(np.array(s)), torch.from_numpy(np.array(i))) for s, i in ray.get(handle)]

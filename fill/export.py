@@ -1,0 +1,217 @@
+"""The fill export: every user's top-k (or, with ``full``, every unseen pair) streamed to Parquet.
+
+:func:`export_fill` is the whole job behind ``svdfill fill``, ``svdfill run`` and
+``svdfill bench fill``: it walks the users in blocks (one Parquet row group each), computes
+a block with :func:`svdfill.kernels.fill.fill_topk` (or :func:`score_dense` for ``full``)
+while the previous block is written on a thread, and writes through
+:class:`svdfill.data.export.ResumableParquetWriter` — the file appears atomically, and a
+killed export resumes at the first unfinished block. ``full`` measures its first block and
+refuses to start without the disk space for the whole file.
+
+A top-k fill can be computed elsewhere: ``sharded`` (a :class:`ShardedTopk`, implemented by
+:mod:`svdfill.distributed.sharded_fill` over torchrun ranks or Ray actors) is handed the
+block → users mapping and answers each block's merged top-k; this process still writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+Tensor = torch.Tensor
+
+RANK_MAX = 32767  # the rank column is int16
+KILL_ENV = "SVDFILL_TEST_KILL_AFTER_BLOCK"
+
+
+class BlockTopk(Protocol):
+    """``fn(b) -> (scores float32 [B, k], items int64 [B, k])``: the merged top-k of user
+    block ``b`` (global item ids; −1 / −inf padding). Called with increasing ``b``."""
+
+    def __call__(self, b: int) -> tuple[Tensor, Tensor]: ...
+
+
+class ShardedTopk(Protocol):
+    """A top-k computed over item shards outside this process (torchrun ranks, Ray actors).
+
+    ``blocks(rows_of, n_blocks)``: called once by :func:`export_fill` with ``rows_of(b)``,
+    the users (int64 [B]) of block ``b``, and the number of blocks; returns the block top-k
+    function the export calls in block order (from its first unfinished block on).
+    """
+
+    def blocks(self, rows_of: Callable[[int], Tensor], n_blocks: int) -> BlockTopk: ...
+
+
+def default_user_block(n_items: int, k: int, full: bool, budget: int) -> int:
+    """Users per row group: ~1M rows per top-k group; dense blocks bounded by the budget."""
+    if full:
+        return max(1, min(4_000_000 // max(n_items, 1), budget // (32 * max(n_items, 1))))
+    return max(64, 1_000_000 // k)
+
+
+def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen=None, users=None,
+                full: bool = False, device=None, dtype: str | None = None,
+                memory_budget: int | None = None, user_block: int | None = None,
+                restart: bool = False, quiet: bool = False, provenance: dict | None = None,
+                sharded: ShardedTopk | None = None) -> dict:
+    """Fill and export to Parquet; returns a summary dict (rows, users, blocks, seconds, path).
+
+    state: the five model tensors (CPU); idmap: the model's IdMap; seen: CSR (indptr,
+    indices) of items to exclude per user, or None; users: contiguous user ids (int64 numpy)
+    or None for all users in id order; k: items per user (1..min(I, 32767), ignored with
+    ``full``); provenance: extra file metadata (model hash, …) that also keys the resume.
+    sharded: a :class:`ShardedTopk` computing the top-k of each block elsewhere, instead of
+    the local ``fill_topk`` (top-k only; ignored with ``full``). The blocks, their order and
+    the file are the same either way.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    import svdfill
+    from svdfill.data.export import (ExportError, ResumableParquetWriter, RawIds, check_disk_space,
+                                     full_schema, full_table, ipc_bytes, parquet_bytes, topk_schema,
+                                     topk_table)
+    from svdfill.kernels.fill import DEFAULT_CPU_BUDGET, csr_slice, csr_take, fill_topk, score_dense
+    from svdfill.errors import os_error_message
+
+    t0 = time.perf_counter()
+    device = torch.device(device or "cpu")
+    P = state["user_factors"].to(device, torch.float32)
+    Q = state["item_factors"].to(device, torch.float32)
+    bu = state["user_bias"].to(device, torch.float32)
+    bi = state["item_bias"].to(device, torch.float32)
+    mu = float(state["global_mean"])
+    n_users, n_items = P.shape[0], Q.shape[0]
+    sel = None if users is None else torch.as_tensor(np.asarray(users, dtype=np.int64))
+    n_sel = n_users if sel is None else int(sel.numel())
+    if not full and not 1 <= k <= min(n_items, RANK_MAX):
+        raise ValueError(f"k={k} outside 1..{min(n_items, RANK_MAX)}")
+    budget = memory_budget or (DEFAULT_CPU_BUDGET if device.type == "cpu" else None)
+    dense_budget = budget or int(torch.cuda.mem_get_info(device)[0] * 0.5)
+    block = user_block or default_user_block(n_items, k, full, dense_budget)
+    n_blocks = max(1, -(-n_sel // block))
+    if seen is not None:
+        s_ptr, s_idx = seen[0].to(torch.int64), seen[1]
+
+    meta = {
+        "svdfill.version": svdfill.__version__,
+        "svdfill.mode": "full" if full else "topk",
+        "svdfill.k": str(0 if full else k),
+        "svdfill.exclude_seen": "true" if seen is not None else "false",
+        "svdfill.user_block": str(block),
+        "svdfill.dtype": dtype or "float32",
+        "svdfill.n_users": str(n_sel),
+        "svdfill.n_items": str(n_items),
+    }
+    meta.update({f"svdfill.{key}": str(v) for key, v in (provenance or {}).items()})
+    if sel is not None:
+        meta["svdfill.users_sha256"] = hashlib.sha256(sel.numpy().tobytes()).hexdigest()
+    schema = (full_schema if full else topk_schema)(idmap, meta)
+    params = dict(meta, device=device.type, memory_budget=budget or 0)
+    user_ids, item_ids = RawIds(idmap.user_ids), RawIds(idmap.item_ids)
+
+    def block_users(b: int):
+        lo, hi = b * block, min((b + 1) * block, n_sel)
+        if sel is None:
+            rows = torch.arange(lo, hi)
+            sub = None if seen is None else csr_slice(s_ptr, s_idx, lo, hi)
+            return rows, P[lo:hi], bu[lo:hi], sub
+        rows = sel[lo:hi]
+        sub = None if seen is None else csr_take(s_ptr, s_idx, rows)
+        r = rows.to(device)
+        return rows, P.index_select(0, r), bu.index_select(0, r), sub
+
+    remote = None if (full or sharded is None) else sharded.blocks(lambda b: block_users(b)[0], n_blocks)
+
+    def compute(b: int):
+        if remote is not None:  # item shards on other processes (svdfill.distributed)
+            rows = block_users(b)[0]
+            sc, it = remote(b)
+            return topk_table(rows.numpy(), it.cpu().numpy(), sc.cpu().numpy(), user_ids, item_ids, schema)
+        rows, pb, bub, sub = block_users(b)
+        if not full:
+            sc, it = fill_topk(pb, Q, bub, bi, mu, k, sub, dtype=dtype, memory_budget=budget)
+            return topk_table(rows.numpy(), it.cpu().numpy(), sc.cpu().numpy(), user_ids, item_ids, schema)
+        scores = score_dense(pb, Q, bub, bi, mu, dtype=dtype)
+        keep = torch.ones(scores.shape, dtype=torch.bool, device=device)
+        if sub is not None and sub[1].numel():
+            counts = (sub[0][1:] - sub[0][:-1]).to(device)
+            r = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+            keep.view(-1)[r * n_items + sub[1].to(device, torch.int64)] = False
+        flat = keep.view(-1).nonzero().flatten()
+        sc = scores.view(-1)[flat].cpu().numpy()
+        flat = flat.cpu().numpy()
+        return full_table(rows.numpy(), flat // n_items, flat % n_items, sc, user_ids, item_ids, schema)
+
+    writer = ResumableParquetWriter(out, schema, params, n_blocks, restart=restart)
+    first = writer.first_block
+    pool = ThreadPoolExecutor(1, thread_name_prefix="svdfill-export")
+    pending = None
+
+    def write(b: int, table) -> None:
+        writer.write_block(b, table)
+        _test_kill_hook(b)
+    bar = tqdm(total=n_blocks, initial=0, unit="block", desc="fill", disable=quiet or not sys.stderr.isatty(),
+               dynamic_ncols=True)
+    rows_written = 0
+    try:
+        if full:
+            # size check before any work: measure the first block's bytes, extrapolate
+            sample = compute(0)
+            per_row = (parquet_bytes(sample) + ipc_bytes(sample)) / max(sample.num_rows, 1)
+            n_seen = 0 if seen is None else (int(s_ptr[-1]) if sel is None
+                                             else int((s_ptr[sel + 1] - s_ptr[sel]).sum()))
+            total_rows = n_sel * n_items - n_seen
+            check_disk_space(Path(out).resolve().parent, int(per_row * total_rows * 1.1) + (64 << 20),
+                             f"the dense fill of {total_rows:,} pairs (Parquet + resume parts)")
+        writer.open(on_replayed=lambda b: bar.update(1))
+        if first:
+            bar.set_postfix_str(f"resumed at block {first}")
+        # block b is written on a thread while block b + 1 is computed (one block in
+        # flight: memory stays at two blocks; blocks still reach the writer in order)
+        for b in range(first, n_blocks):
+            table = sample if (full and b == 0) else compute(b)
+            if pending is not None:
+                pending.result()
+                bar.update(1)
+            pending = pool.submit(write, b, table)
+            rows_written += table.num_rows
+        if pending is not None:
+            pending.result()
+            bar.update(1)
+        path = writer.finish()
+    except BaseException as e:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result()  # never two writes at once: let the one running end first
+        writer.abort()
+        if isinstance(e, OSError):  # disk full, folder removed…: say what survives
+            done = writer.finished_blocks()
+            kept = (f"{done} of {n_blocks} blocks are finished and kept in {writer.partial}; rerun "
+                    f"the same command to resume" if writer.partial.is_dir() else "nothing was written")
+            raise ExportError(f"{out}: writing the export failed ({os_error_message(e)}); {kept}") from e
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+    return {"path": str(path), "blocks": n_blocks, "resumed_at": first, "users": n_sel,
+            "rows_computed": rows_written, "seconds": time.perf_counter() - t0, "user_block": block}
+
+
+def _test_kill_hook(b: int) -> None:
+    """Fault injection for the resume tests: SIGKILL this process after block N is written
+    when ``SVDFILL_TEST_KILL_AFTER_BLOCK=N`` (a real kill -9, nothing is cleaned up)."""
+    at = os.environ.get(KILL_ENV)
+    if at is not None and int(at) == b:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
