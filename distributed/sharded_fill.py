@@ -221,3 +221,43 @@ class RayFill(ShardedFill):
 
         # object-store arrays are read-only views: copied for torch
         return [(torch.from_numpy(np.array(s)), torch.from_numpy(np.array(i))) for s, i in ray.get(handle)]
+
+
+# -- a partitioned export written by every rank -----------------------------------------------
+
+class TorchrunExchange:
+    """One rank of a partitioned fill export over a torch.distributed group (the
+    :class:`svdfill.fill.dataset.BlockExchange` of :func:`svdfill.fill.dataset.export_dataset`):
+    shard r on rank r; every rank walks every block, and each block's W shard lists are
+    gathered to the rank that owns (writes) the block, not to rank 0. No block's users are
+    broadcast: every rank knows the block list."""
+
+    def __init__(self, world):
+        self.world = world
+        self.rank, self.size = world.rank, world.world_size
+        self.shard = None
+        self.k = 0
+
+    def start(self, state, seen, *, k, device, dtype, memory_budget) -> None:
+        from svdfill.fill.shard import ItemShard
+
+        self.k = k
+        shards = even_shards(int(state["item_factors"].shape[0]), self.size)
+        self.shard = ItemShard(state, shards[self.rank], k=k, seen=seen, device=self.world.device,
+                               dtype=dtype, memory_budget=memory_budget)
+
+    def all_gather(self, obj) -> list:
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def topk(self, rows: Tensor, owner: int) -> TopkList | None:
+        from svdfill.distributed.gather import gather_lists
+        from svdfill.kernels.fill import merge_topk
+
+        s, i = self.shard.topk(rows)
+        w = self.world
+        parts = gather_lists(s, i, w.world_size, w.rank, w.comm_device, dst=owner)
+        return None if parts is None else merge_topk(parts, self.k)

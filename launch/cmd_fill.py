@@ -11,6 +11,10 @@ Settings left out on the command line come from the run's ``[fill]`` config sect
 ``--launcher torchrun --nproc N`` reruns the same command as a one-machine torchrun job
 (``python -m torch.distributed.run --standalone --nproc_per_node=N -m
 svdfill.launch.torchrun_fill …``): N item shards, the same Parquet file. Top-k only.
+
+``--out DIR/`` (a trailing ``/``, or an existing folder) writes a partitioned Parquet dataset
+instead (:func:`svdfill.fill.dataset.export_dataset`): ``part-NNNNN.parquet`` files and a
+``_manifest.json`` written last; under torchrun every rank writes its own part.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from svdfill.distributed.sharded_fill import ShardedFill
+    from svdfill.fill.dataset import BlockExchange
 
 TORCHRUN_MODULE = "svdfill.launch.torchrun_fill"
 
@@ -33,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
     ``--nproc`` (for entry points that already are one rank of a distributed job)."""
     parser.add_argument("--model", required=True, metavar="RUN_DIR",
                         help="run directory of a trained model (runs/NAME) or its model.pt")
-    parser.add_argument("--out", required=True, metavar="FILE.parquet", help="output Parquet file")
+    parser.add_argument("--out", required=True, metavar="FILE.parquet|DIR/",
+                        help="output Parquet file, or a folder (ending in /) for a partitioned dataset: "
+                             "part-NNNNN.parquet files (one per torchrun rank) and _manifest.json")
     parser.add_argument("--k", type=int, default=None,
                         help="items per user (default: the run's fill.k); clamped to the number of items")
     parser.add_argument("--users", metavar="FILE", default=None,
@@ -142,12 +149,15 @@ def resolve_device(name: str | None):
 # the command
 # ------------------------------------------------------------------------------------------
 
-def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None) -> int:
+def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
+         exchange: BlockExchange | None = None) -> int:
     """Validate the options, resolve the rest from the run's config, run
     :func:`svdfill.fill.export.export_fill`. ``sharded``: a
     :class:`svdfill.distributed.sharded_fill.ShardedFill` (torchrun ranks, Ray actors) that
     computes the top-k over item shards elsewhere while this process writes the same file;
-    it is started here, once the settings are known."""
+    it is started here, once the settings are known. ``exchange``: this process is one rank
+    of a partitioned export (``--out DIR/`` under torchrun; every rank calls this with the
+    same arguments and writes its own part)."""
     from svdfill.launch.launcher import launch_torchrun, launcher_nproc
     from svdfill.launch.errors import UserError
 
@@ -165,11 +175,16 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None) -> int
         return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
     from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
     from svdfill.data.export import check_writable
+    from svdfill.fill.dataset import export_dataset, is_dataset_path
     from svdfill.fill.export import RANK_MAX, export_fill
     from svdfill.kernels.fill import device_dtype
 
+    dataset = is_dataset_path(args.out)
     out = Path(args.out)
-    check_writable(out)
+    if not dataset:
+        check_writable(out)
+    elif args.full and (exchange is not None or sharded is not None):
+        raise UserError("--full is written by one process: run `svdfill fill --full` instead")
     model = load_model(args.model)
     fcfg = model.config.fill
     run_dir = model.path.parent
@@ -210,17 +225,28 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None) -> int
         raise UserError("--full is written by one process: run `svdfill fill --full` instead")
     if sharded is not None:
         sharded.start(model.state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
-    summary = export_fill(model.state, model.idmap, out, k=k, seen=seen, users=users, full=args.full,
-                          device=device, dtype=dtype, memory_budget=budget,
-                          user_block=block, restart=args.restart, quiet=args.quiet, provenance=provenance,
-                          sharded=sharded)
+    if exchange is not None:
+        exchange.start(model.state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
+    common = dict(k=k, seen=seen, users=users, full=args.full, device=device, dtype=dtype,
+                  memory_budget=budget, user_block=block, restart=args.restart, quiet=args.quiet,
+                  provenance=provenance, sharded=sharded)
+    if dataset:
+        summary = export_dataset(model.state, model.idmap, args.out, exchange=exchange, **common)
+    else:
+        summary = export_fill(model.state, model.idmap, out, **common)
     if not args.quiet:
         what = "every unseen pair" if args.full else f"top-{k}"
-        resumed = f", resumed at block {summary['resumed_at']}" if summary["resumed_at"] else ""
+        if dataset:
+            resumed = (f", {summary['resumed_blocks']} finished blocks kept" if summary["resumed_blocks"]
+                       else "")
+            where = f"{summary['parts']} part(s), {summary['blocks']} row groups"
+        else:
+            resumed = f", resumed at block {summary['resumed_at']}" if summary["resumed_at"] else ""
+            where = f"{summary['blocks']} row groups"
         from svdfill.kernels.dispatch import kernel_choices
 
         kernels = sorted({c["kernel"] for c in kernel_choices().values()})
         how = f" ({'/'.join(kernels)} fill kernel)" if kernels and not args.full else ""
         print(f"svdfill: wrote {what} of {summary['users']:,} users to {summary['path']} "
-              f"({summary['blocks']} row groups{resumed}) in {summary['seconds']:.1f} s on {device}{how}")
+              f"({where}{resumed}) in {summary['seconds']:.1f} s on {device}{how}")
     return 0

@@ -8,6 +8,11 @@ their shard top-k lists with ``torch.distributed`` and merges them
 (:class:`svdfill.distributed.sharded_fill.TorchrunFill`; the other ranks run
 :func:`~svdfill.distributed.sharded_fill.serve_torchrun`). Only rank 0 writes. ``--full`` is
 a one-process job (``svdfill fill --full``).
+
+``--out DIR/`` (a partitioned dataset): every rank runs the command itself and writes its
+own part, the blocks' lists gathered to their owners
+(:class:`~svdfill.distributed.sharded_fill.TorchrunExchange`,
+:func:`svdfill.fill.dataset.export_dataset`); rank 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def _load(model_path: str):
 
 def run(args: argparse.Namespace) -> int:
     from svdfill.distributed.process_group import init_from_env, shutdown
-    from svdfill.distributed.sharded_fill import TorchrunFill, serve_torchrun
+    from svdfill.distributed.sharded_fill import TorchrunExchange, TorchrunFill, serve_torchrun
+    from svdfill.fill.dataset import is_dataset_path
     from svdfill.distributed.world import DistWorld
     from svdfill.launch import cmd_fill
     from svdfill.launch.errors import run_reporting_errors
@@ -56,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
             shutdown()
     world = DistWorld(rank, size, device, backend)
     try:
+        if is_dataset_path(args.out):  # every rank writes its part: no rank drives the others
+            args.device = str(device)
+            args.quiet = args.quiet or rank != 0
+            return run_reporting_errors(lambda: cmd_fill.main(args, exchange=TorchrunExchange(world)))
         if rank != 0:
             serve_torchrun(world, _load(args.model))
             return 0

@@ -1,6 +1,6 @@
 """``ray job submit`` against a local Ray head on 127.0.0.1: Ray Train (2 workers) writes
 the same run directory as ``svdfill train``; the Ray-actor fill writes the same Parquet
-file as ``svdfill fill``."""
+file as ``svdfill fill`` (and, with ``--out DIR/``, the same rows as a one-part dataset)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,17 @@ def test_job_submit_train_and_fill(head, tmp_path, ml100k_path):
     ref = tmp_path / "single.parquet"
     single_process_fill(out, ref, "--k", "10", "--user-block", "300")
     assert_same_fill(got, ref)
+
+    # --out DIR/: the partitioned dataset, written by the driver as one part plus its manifest
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from svdfill.fill.dataset import read_manifest
+
+    ds = tmp_path / "ray-ds"
+    p = job_submit(head, ["python", "-m", "svdfill.launch.ray_job", "fill", "--model", str(out),
+                          "--k", "10", "--out", f"{ds}/", "--num-actors", "2", "--user-block", "300"])
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert sorted(x.name for x in ds.iterdir()) == ["_manifest.json", "part-00000.parquet"]
+    assert pads.dataset(ds, format="parquet").to_table().equals(pq.read_table(got))
+    assert [(x["file"], x["rank"]) for x in read_manifest(ds)["parts"]] == [("part-00000.parquet", 0)]
