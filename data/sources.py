@@ -67,6 +67,13 @@ class Part:
     partition: tuple[tuple[str, str], ...] = field(default=())
     row_groups: tuple[int, int] | None = None
     """Parquet only: read just row groups ``[lo, hi)`` (a rank's share of a large file)."""
+    share_bytes: int | None = None
+    """With ``row_groups``: the compressed bytes of those row groups (what reading them costs)."""
+
+    @property
+    def bytes_to_read(self) -> int:
+        """Bytes on storage this part (or row-group share of a file) reads."""
+        return self.size if self.share_bytes is None else self.share_bytes
 
     @property
     def name(self) -> str:
@@ -272,13 +279,14 @@ def _units(parts: Sequence[Part]) -> list[tuple[Part, int]]:
             try:
                 with p.fs.open_input_file(p.path) as h:
                     meta = pq.ParquetFile(h).metadata
-                    sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
+                    sizes = [sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+                             for rg in map(meta.row_group, range(meta.num_row_groups))]
             except OSError as e:
                 raise DataError(f"{p.display}: cannot read the Parquet footer: {e}") from None
             except Exception:  # not Parquet after all: the reader says why, as a whole unit
                 sizes = None
             if sizes:
-                out.extend((replace(p, row_groups=(g, g + 1)), max(int(s), 1))
+                out.extend((replace(p, row_groups=(g, g + 1), share_bytes=int(s)), max(int(s), 1))
                            for g, s in enumerate(sizes))
                 continue
         out.append((p, max(p.size, 1)))
@@ -303,7 +311,8 @@ def share(parts: Sequence[Part], rank: int, world_size: int) -> list[Part]:
         last = mine[-1] if mine else None
         if (last is not None and u.row_groups is not None and last.row_groups is not None
                 and last.path == u.path and last.row_groups[1] == u.row_groups[0]):
-            mine[-1] = replace(last, row_groups=(last.row_groups[0], u.row_groups[1]))
+            mine[-1] = replace(last, row_groups=(last.row_groups[0], u.row_groups[1]),
+                               share_bytes=last.share_bytes + u.share_bytes)
         else:
             mine.append(u)
     return mine

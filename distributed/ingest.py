@@ -200,8 +200,7 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
     if log is not None:
         log(f"rank {rank}: read {len(names)} of {len(parts)} parts ({counts[rank]:,} of "
             f"{n:,} ratings), trains {len(train) + len(val):,} of items {shards[rank]}")
-    return ShardedData(train, val, idmap, shards, n, names,
-                       sum(p.size for p in {q.path: q for q in mine}.values()))
+    return ShardedData(train, val, idmap, shards, n, names, sum(p.bytes_to_read for p in mine))
 
 
 def _check_duplicates(world, users: torch.Tensor, items: torch.Tensor, rows: torch.Tensor,

@@ -102,6 +102,9 @@ def test_one_big_parquet_file_is_shared_by_row_groups(tmp_path):
     got = _check_same(DataConfig(path=str(tmp_path / "ds" / "part-00000.parquet")), 2)
     (a,), (b,) = got[0]["parts"], got[1]["parts"]
     assert a.endswith("[row groups 0:16]") and b.endswith("[row groups 16:32]")
+    # each rank counts the bytes of its row groups, not the whole file
+    size = (tmp_path / "ds" / "part-00000.parquet").stat().st_size
+    assert all(0.3 * size < g["bytes"] < 0.7 * size for g in got)
 
 
 def test_compressed_text_parts_with_string_ids(tmp_path):
