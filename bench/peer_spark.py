@@ -12,13 +12,13 @@ The fill peer loads the factors through Spark's own model format (``metadata`` J
 ``ALSModel.save`` writes), so Spark scores exactly the matrices svdfill scores. Spark has no
 biases and no seen-item filter: the biases are folded in as ``[p_u, 1]·[q_i, b_i]`` (the
 same ranking as ``μ + b_u + b_i + p_u·q_i``), and the comparison is with ``fill_topk``
-without seen exclusion.
+without seen exclusion. The folder writer is :func:`svdfill.data.factors.save_als_model`,
+shared with ``svdfill export-factors --format spark`` (which folds μ too, to predict).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from svdfill.data.factors import save_als_model  # Spark's model folder (also export-factors --format spark)
 
 
 def spark_available() -> str | None:
@@ -121,34 +123,6 @@ def fit_als(spark: Any, train: Any, test: Any, lo: float, hi: float, *, rank: in
     pred[cold] = float(np.mean(tr_r, dtype=np.float64))
     df.unpersist()
     return {"predictions": np.clip(pred, lo, hi), "fit_seconds": seconds, "cold": int(cold.sum())}
-
-
-def save_als_model(path: str | os.PathLike, user_factors: np.ndarray, item_factors: np.ndarray,
-                   spark_version: str) -> None:
-    """Write float32 [U, r] / [I, r] factor matrices (ids 0..U-1, 0..I-1) as the folder
-    ``pyspark.ml.recommendation.ALSModel.load`` reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    rank = int(user_factors.shape[1])
-    if item_factors.shape[1] != rank:
-        raise ValueError(f"factor widths differ: {user_factors.shape} vs {item_factors.shape}")
-    (path / "metadata").mkdir(parents=True)
-    meta = {"class": "org.apache.spark.ml.recommendation.ALSModel", "timestamp": int(time.time() * 1000),
-            "sparkVersion": spark_version, "uid": "ALS_svdfill_peer",
-            "paramMap": {"userCol": "user", "itemCol": "item", "blockSize": 4096},
-            "defaultParamMap": {"blockSize": 4096, "coldStartStrategy": "nan", "itemCol": "item",
-                                "predictionCol": "prediction", "userCol": "user"},
-            "rank": rank}
-    (path / "metadata" / "part-00000").write_text(json.dumps(meta) + "\n")
-    for name, mat in (("userFactors", user_factors), ("itemFactors", item_factors)):
-        mat = np.ascontiguousarray(mat, dtype=np.float32)
-        features = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), rank).cast(
-            pa.list_(pa.float32()))
-        table = pa.table({"id": pa.array(np.arange(mat.shape[0], dtype=np.int32)), "features": features})
-        (path / name).mkdir()
-        pq.write_table(table, path / name / "part-00000.parquet")
 
 
 def recommend_all(spark: Any, state: dict, k: int) -> dict:

@@ -19,11 +19,13 @@ COMMANDS = {
     "fill": "Score every unseen (user, item) pair and export each user's top-k as Parquet.",
     "synth": "Write a planted low-rank synthetic ratings file (Parquet).",
     "bench": "Benchmarks that print a table with a baseline measured in the same run.",
+    "similar": "Each item's top-k most similar items (cosine or dot of the factors) as Parquet.",
+    "export-factors": "Write the user/item factors and biases as Parquet (or a Spark ALSModel).",
 }
 
 
 def _load(name: str):
-    return importlib.import_module(f"svdfill.launch.cmd_{name}")
+    return importlib.import_module(f"svdfill.launch.cmd_{name.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:

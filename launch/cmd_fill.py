@@ -85,8 +85,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def read_user_list(path: str | os.PathLike, idmap: Any):
-    """Contiguous ids (int64 numpy [n], file order, first occurrence kept) of the raw user
-    ids listed in ``path``, one per line. Raises UserError for unreadable files, ids of the
+    """:func:`read_id_list` of users (``--users``)."""
+    return read_id_list(path, idmap, "user")
+
+
+def read_id_list(path: str | os.PathLike, idmap: Any, side: str):
+    """Contiguous ids (int64 numpy [n], file order, first occurrence kept) of the raw
+    ``side`` ("user" or "item") ids listed in ``path``, one per line ('#' comments and blank
+    lines skipped). Raises UserError, naming file and line, for unreadable files, ids of the
     wrong type, unknown ids (listing a few) and empty lists."""
     import numpy as np
 
@@ -96,9 +102,9 @@ def read_user_list(path: str | os.PathLike, idmap: Any):
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: cannot read the user list: {e}") from None
+        raise UserError(f"{p}: cannot read the {side} list: {e}") from None
     raw, lines = [], []
-    want_int = idmap.user_dtype == "int64"
+    want_int = getattr(idmap, f"{side}_dtype") == "int64"
     for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if not s or s.startswith("#"):
@@ -107,22 +113,22 @@ def read_user_list(path: str | os.PathLike, idmap: Any):
             try:
                 s = int(s)
             except ValueError:
-                raise UserError(f"{p}:{n}: not an integer user id: {line.strip()[:60]!r} "
-                                f"(the model's user ids are integers)") from None
+                raise UserError(f"{p}:{n}: not an integer {side} id: {line.strip()[:60]!r} "
+                                f"(the model's {side} ids are integers)") from None
         raw.append(s)
         lines.append(n)
     if not raw:
-        raise UserError(f"{p}: no user ids in the file")
+        raise UserError(f"{p}: no {side} ids in the file")
     arr = np.asarray(raw, dtype=np.int64) if want_int else np.asarray(raw, dtype=object)
-    idx = idmap.encode_users(arr)
+    idx = getattr(idmap, f"encode_{side}s")(arr)
     unknown = np.nonzero(idx < 0)[0]
     if unknown.size:
         shown = ", ".join(f"{raw[j]!r} (line {lines[j]})" for j in unknown[:5])
         more = f" and {unknown.size - 5} more" if unknown.size > 5 else ""
-        raise UserError(f"{p}: {unknown.size} user id(s) not in the model: {shown}{more}")
+        raise UserError(f"{p}: {unknown.size} {side} id(s) not in the model: {shown}{more}")
     _, first = np.unique(idx, return_index=True)
     if first.size < idx.size:
-        warn(f"{p}: {idx.size - first.size} duplicate user id(s) ignored (first occurrence kept)")
+        warn(f"{p}: {idx.size - first.size} duplicate {side} id(s) ignored (first occurrence kept)")
         idx = idx[np.sort(first)]
     return idx.astype(np.int64)
 
