@@ -110,6 +110,10 @@ def _configs(args) -> tuple[object, object, str]:
     if args.quick:
         over["train.epochs"] = min(cfg.train.epochs, QUICK_EPOCHS)
     cfg = apply_overrides(cfg, over, "bench accuracy")
+    if args.config is not None or ratings_path is not None:
+        # the table names the data it ran on: the file a config or --ratings points at,
+        # not the preset name of --data's default
+        label = _data_label(cfg.data.path)
     base = load_config(args.baseline_config)
     base = dataclasses.replace(base, data=cfg.data)
     base_over: dict = {}
@@ -119,6 +123,15 @@ def _configs(args) -> tuple[object, object, str]:
         base_over["train.epochs"] = min(base.train.epochs, QUICK_EPOCHS)
     base = apply_overrides(base, base_over, "bench accuracy")
     return cfg, base, label
+
+
+def _data_label(path: str) -> str:
+    """How the table's title names a data path: the file (or folder) name, with its parent
+    folder when the name alone says little (``ml-100k/u.data``); "synthetic" for no path."""
+    if not path:
+        return "synthetic"
+    p = Path(str(path).split("?", 1)[0].rstrip("/"))
+    return f"{p.parent.name}/{p.name}" if p.parent.name not in ("", ".") else p.name
 
 
 def _load(cfg, quick: bool):

@@ -50,10 +50,17 @@ MOVIELENS_CSV_SCALE = (0.5, 5.0)
 # Candidate separators, in the order auto-detection prefers them.
 _SEPARATORS = ("::", "\t", ",", ";", "|", " ")
 _SEP_NAMES = {"\t": "tab", " ": "space", ",": "comma", ";": "semicolon", "|": "pipe", "::": "'::'"}
+# Header names recognised (case-insensitive) when a column setting keeps its default name:
+# MovieLens, Surprise/implicit/Spark examples, Amazon (reviewerID, asin, overall), Goodreads,
+# Book-Crossing (User-ID, ISBN, Book-Rating).
 _COLUMN_ALIASES = {
-    "user": ("user", "userid", "user_id", "users"),
-    "item": ("item", "itemid", "item_id", "movieid", "movie_id", "movie", "items"),
-    "rating": ("rating", "ratings", "score", "stars"),
+    "user": ("user", "userid", "user_id", "users", "uid", "user-id", "customer_id", "customerid",
+             "reviewerid", "reviewer_id"),
+    "item": ("item", "itemid", "item_id", "movieid", "movie_id", "movie", "items", "iid",
+             "product_id", "productid", "product", "book_id", "bookid", "isbn", "asin",
+             "track_id", "trackid"),
+    "rating": ("rating", "ratings", "score", "stars", "rate", "overall", "book-rating",
+               "book_rating"),
 }
 _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 _ML100K_NAME = re.compile(r"^u(\d|[ab])?\.(data|base|test)$")
@@ -164,6 +171,72 @@ def read_parts(parts: Sequence[Part], *, source: str, format: str = "auto", sep:
         scale = fmt_scale
     _check_values(source, ratings, scale, locate)
     return RawRatings(users, items, ratings.astype(np.float32), source=source), locate
+
+
+@dataclass
+class Detected:
+    """How :func:`read_ratings` will read a path (from its first part file's name and head,
+    nothing more): what ``svdfill train`` prints before reading everything."""
+
+    source: str
+    """The path as messages name it (the part file, or the dataset with its part count)."""
+    format: str
+    """ml-100k | ml-dat | csv | plain | parquet."""
+    sep: str
+    """Field separator of text ("" for Parquet)."""
+    header: bool
+    """The first non-blank line names the columns."""
+    columns: tuple[str, str, str]
+    """The user, item and rating columns as named in the file (positions for headerless text)."""
+    crlf: bool
+    """Text lines end in CR LF (Windows); read the same as LF."""
+    scale: tuple[float, float] | None
+    """The format's own rating scale (MovieLens), else None."""
+
+    def describe(self) -> str:
+        """One line: format, separator, header, line ends, columns."""
+        if self.format == "parquet":
+            how = "Parquet"
+        else:
+            how = f"{self.format} text, {_sep_name(self.sep)}-separated, " + (
+                "header row" if self.header else "no header") + (", CRLF line ends" if self.crlf else "")
+        cols = (f"user={self.columns[0]!r}, item={self.columns[1]!r}, rating={self.columns[2]!r}"
+                if self.header or self.format == "parquet" else "user, item, rating = fields 1, 2, 3")
+        return f"{self.source}: {how}; {cols}"
+
+
+def detect_layout(path: str | os.PathLike, *, format: str = "auto", sep: str = "",
+                  user_col: str = "user", item_col: str = "item",
+                  rating_col: str = "rating") -> Detected:
+    """What :func:`read_ratings` with these settings will find in ``path``: its first part
+    file's format, separator, header and columns, read from the head only (cheap on any
+    size). Raises :class:`DataError` as the reader would (a wrong separator, a missing column)."""
+    if format not in FORMATS:
+        raise DataError(f"{path}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    parts = [p for p in resolve(path) if p.size > 0] or resolve(path)[:1]
+    part = parts[0]
+    source = part.display if len(parts) == 1 else f"{_redacted(str(path))} ({len(parts)} part files)"
+    if part.size == 0:
+        raise DataError(f"{part.display}: empty file (no ratings)")
+    head = part.read_head()
+    if format == "auto":
+        format, sniffed = _detect_format(part, head)
+        sep = sep or sniffed
+    if format == "parquet":
+        import pyarrow.parquet as pq
+
+        with pa.BufferReader(part.read_all()) if part.compression else part.fs.open_input_file(part.path) as h:
+            try:
+                names = list(pq.ParquetFile(h).schema_arrow.names)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{part.display}: not a readable Parquet file: {e}") from None
+        cols = tuple(_pick_column(names, role, want) or want for role, want in
+                     (("user", user_col), ("item", item_col), ("rating", rating_col)))
+        return Detected(source, "parquet", "", True, cols, False, None)  # type: ignore[arg-type]
+    layout = _text_layout(part.display, head, format, sep, user_col, item_col, rating_col)
+    first_end = head.find(b"\n")
+    crlf = first_end > 0 and head[first_end - 1:first_end] == b"\r"
+    return Detected(source, layout.format, layout.sep, layout.header, layout.usecols, crlf, layout.scale)
 
 
 def _redacted(text: str) -> str:
@@ -311,11 +384,23 @@ def _text_layout(path: str, head: bytes, format: str, sep: str, user_col: str, i
                         f"[, timestamp]) separated by {_sep_name(sep)}, got {len(fields)}: {show(line)}"
                         + _wrong_sep_hint(line, sep))
     if not _is_number(fields[2]):
-        hint = ("; it looks like a header row: use format 'csv'" if format != "csv" else "")
+        hint = ("; it looks like a header row: use format 'csv' (--format csv)" if format != "csv" else "")
         raise DataError(f"{where(path, lineno)}: rating {fields[2]!r} is not a number: {show(line)}{hint}")
     names = ["user", "item", "rating", "timestamp"][: len(fields)]
     scale = MOVIELENS_SCALE if format in ("ml-100k", "ml-dat") else None
     return _Layout(format, sep, False, names, ("user", "item", "rating"), len(fields), scale)
+
+
+def _pick_column(names: Sequence[str], role: str, want: str) -> str | None:
+    """The column of ``names`` holding ``role``: ``want`` itself, or — when ``want`` is the
+    default name (the setting was left alone) — the first of the usual spellings present
+    (userId, movieId, item_id, score, ...; case-insensitive). None when there is none."""
+    if want in names:
+        return want
+    if want != role:  # a name the user chose is taken literally: no guessing behind it
+        return None
+    lower = {n.lower(): n for n in names}
+    return next((lower[a] for a in _COLUMN_ALIASES[role] if a in lower), None)
 
 
 def _csv_layout(path: str, lineno: int, line: str, fields: list[str], sep: str, user_col: str,
@@ -323,24 +408,19 @@ def _csv_layout(path: str, lineno: int, line: str, fields: list[str], sep: str, 
     names = [f.strip() for f in fields]
     if len(set(names)) != len(names):
         raise DataError(f"{where(path, lineno)}: header names a column twice: {show(line)}")
-    lower = {n.lower(): n for n in names}
     chosen = []
     for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
-        if want in names:
-            chosen.append(want)
-            continue
-        alias = None
-        if want == role:  # the default name: accept the usual spellings (userId, movieId, ...)
-            alias = next((lower[a] for a in _COLUMN_ALIASES[role] if a in lower), None)
-        if alias is None:
+        found = _pick_column(names, role, want)
+        if found is None:
             data_like = all(_is_number(f) for f in names)
             hint = (" (the first line looks like data: csv needs a header row naming the columns;"
-                    " use format 'plain' for files without one)") if data_like else ""
+                    " use format 'plain' (--format plain) for files without one)") if data_like else ""
             raise DataError(
                 f"{where(path, lineno)}: missing {role} column {want!r}; the header has "
-                f"{', '.join(repr(n) for n in names)}{hint}; set data.{role}_col")
-        chosen.append(alias)
-    movielens = {"userid", "movieid"} <= set(lower)
+                f"{', '.join(repr(n) for n in names)}{hint}; set data.{role}_col (--{role}-col)")
+        chosen.append(found)
+    lower = {n.lower() for n in names}
+    movielens = {"userid", "movieid"} <= lower
     scale = MOVIELENS_CSV_SCALE if movielens else None
     return _Layout("csv", sep, True, names, tuple(chosen), len(names), scale, header_line=lineno)
 
@@ -356,7 +436,7 @@ def _wrong_sep_hint(line: str, sep: str) -> str:
     others = [s for s in _SEPARATORS if s != sep and s in line and not (s == " " and sep == "::")]
     if others:
         return (f"; the separator looks wrong: the line contains {_sep_name(others[0])} — "
-                f"set data.sep (--sep) or data.format")
+                f"set data.sep (--sep) or data.format (--format)")
     return ""
 
 
@@ -366,7 +446,7 @@ def _raise_separator(path: str, lineno: int, line: str, sep: str, format: str) -
         raise DataError(
             f"{where(path, lineno)}: the separator looks wrong: format {format!r} expects fields "
             f"separated by {_sep_name(sep)}, but line {lineno} has none and contains "
-            f"{_sep_name(others[0])}: {show(line)}; set data.sep (--sep) or data.format")
+            f"{_sep_name(others[0])}: {show(line)}; set data.sep (--sep) or data.format (--format)")
     raise DataError(f"{where(path, lineno)}: expected fields separated by {_sep_name(sep)}, "
                     f"found one field: {show(line)}")
 
@@ -592,11 +672,14 @@ def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     # Hive-style folders (``user_bucket=3/``) supply the columns a part file leaves out
     folders = dict(part.partition)
+    actual = {}
     for role, want in (("user", user_col), ("item", item_col), ("rating", rating_col)):
-        if want not in names and want not in folders:
+        found = _pick_column(names, role, want)
+        if found is None and want not in folders:
             raise DataError(f"{path}: missing {role} column {want!r}; the file has "
-                            f"{', '.join(repr(n) for n in names)}; set data.{role}_col")
-    cols = [c for c in (user_col, item_col, rating_col) if c in names]
+                            f"{', '.join(repr(n) for n in names)}; set data.{role}_col (--{role}-col)")
+        actual[want] = found
+    cols = [c for c in actual.values() if c is not None]
     try:
         if part.row_groups is None:
             table, first = f.read(columns=cols), 0
@@ -606,9 +689,11 @@ def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str
             first = sum(f.metadata.row_group(g).num_rows for g in range(lo))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    for c in (user_col, item_col, rating_col):
-        if c not in names:
-            table = table.append_column(c, pa.array([folders[c]] * table.num_rows, pa.string()))
+    # the columns under the names asked for (an alias such as userId read as "user"), the
+    # ones a Hive folder supplies appended
+    table = pa.table({want: (table.column(got) if got is not None
+                             else pa.array([folders[want]] * table.num_rows, pa.string()))
+                      for want, got in actual.items()})
     return table, first
 
 
@@ -670,7 +755,7 @@ def _check_values(path: str, ratings: np.ndarray, scale, locate: Callable) -> No
         (loc, _, text), = locate([row])
         n = int(out.sum())
         raise DataError(f"{loc}: rating {ratings[row]:g} is outside the scale [{lo:g}, {hi:g}]: {text}"
-                        f" ({n} such rating{'s' if n > 1 else ''}; set data.scale_min/scale_max)")
+                        f" ({n} such rating{'s' if n > 1 else ''}; set data.scale_min/scale_max (--scale MIN:MAX))")
 
 
 _TABLE_CELLS = 1 << 26  # bool cells of the duplicate-check table (64 MiB)

@@ -51,6 +51,21 @@ class RayTrainWorld(DistWorld):
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def worker_log(line: str) -> None:
+    """Print one line from a Ray Train worker, once.
+
+    Ray Train v2 replaces ``builtins.print`` in its workers with a function that sends the
+    line to the root logger (its structured train log), and with ``log_to_driver`` the
+    driver shows the worker's stdout as well — a ``print`` from a worker (the trainer's
+    "wall time" line) reached the driver twice. Writing to the worker's stdout itself skips
+    the patched ``print``; log_to_driver carries the line once.
+    """
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def ray_train_world(device: str = "cpu") -> RayTrainWorld:
     """The world of this Ray Train worker (rank, size, device from Ray Train's context)."""
     import ray.train
@@ -106,6 +121,5 @@ def restore_checkpoint(run_dir, world: RayTrainWorld) -> bool:
         global _RESUMED_FROM_EPOCH
         _RESUMED_FROM_EPOCH = int(epoch or 0)
         if world.is_main:
-            print(f"ray: restarted; resuming from the checkpoint of epoch {epoch} ({ckpt.path})",
-                  flush=True)
+            worker_log(f"ray: restarted; resuming from the checkpoint of epoch {epoch} ({ckpt.path})")
     return found

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None,
                         help="ratings format (auto | ml-100k | ml-dat | csv | parquet); default: "
                              "auto, with the model's column names and separator")
+    from svdfill.launch.cmd_train import add_data_arguments
+
+    add_data_arguments(parser, format=False)
     parser.add_argument("--dedupe", default=None, choices=("error", "last", "mean"),
                         help="duplicate (user, item) pairs in the file (default: the model's data.dedupe)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -66,7 +69,9 @@ def evaluate(model, raw, *, device="cpu") -> dict:
             "n_cold_users": int(cu.sum()), "n_cold_items": int(ci.sum())}
 
 
-def read_for_model(model, path: str, *, format: str | None = None, dedupe: str | None = None):
+def read_for_model(model, path: str, *, format: str | None = None, dedupe: str | None = None,
+                   sep: str | None = None, user_col: str | None = None, item_col: str | None = None,
+                   rating_col: str | None = None, scale: tuple[float, float] | None = None):
     """Read ``path`` with the model's data settings (columns, separator, scale) unless told."""
     import math
 
@@ -74,10 +79,13 @@ def read_for_model(model, path: str, *, format: str | None = None, dedupe: str |
 
     d = model.config.data
     lo, hi = float(d.scale_min), float(d.scale_max)
-    scale = "auto" if math.isnan(lo) and math.isnan(hi) else (lo, hi)
-    return read_ratings(path, format=format or "auto", sep=d.sep if format in (None, d.format) else "",
-                        user_col=d.user_col, item_col=d.item_col, rating_col=d.rating_col,
-                        scale=scale, dedupe=dedupe or d.dedupe)
+    if scale is None:
+        scale = "auto" if math.isnan(lo) and math.isnan(hi) else (lo, hi)
+    if sep is None:
+        sep = d.sep if format in (None, d.format) else ""
+    return read_ratings(path, format=format or "auto", sep=sep,
+                        user_col=user_col or d.user_col, item_col=item_col or d.item_col,
+                        rating_col=rating_col or d.rating_col, scale=scale, dedupe=dedupe or d.dedupe)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,7 +97,11 @@ def main(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     model = load_model(args.model)
-    raw = read_for_model(model, args.ratings, format=args.format, dedupe=args.dedupe)
+    from svdfill.launch.cmd_train import parse_scale, parse_sep
+
+    raw = read_for_model(model, args.ratings, format=args.format, dedupe=args.dedupe,
+                         sep=parse_sep(args.sep), user_col=args.user_col, item_col=args.item_col,
+                         rating_col=args.rating_col, scale=parse_scale(args.scale))
     result = evaluate(model, raw, device=args.device)
     if args.topk is not None:  # ranking metrics (svdfill.kernels.ranking, owned by the fill)
         from svdfill.checkpoint import load_seen

@@ -2,7 +2,8 @@
 
 With no options it runs the built-in synthetic preset (``configs/demo.toml``) into
 ``runs/demo`` and writes ``runs/demo/recs.parquet``, so a fresh clone can see the whole
-data flow in one command. Rerunning resumes: training from its last checkpoint, the
+data flow in one command; with ``--ratings FILE`` and no ``--config`` it trains the general
+recipe of ``svdfill train`` (``configs/default.toml``) on the file. Rerunning resumes: training from its last checkpoint, the
 export from its first unfinished block.
 """
 
@@ -10,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 
+from svdfill.launch import cmd_train
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="demo",
-                        help="TOML config file or built-in preset name (default: demo, synthetic)")
+    parser.add_argument("--config", default=None,
+                        help="TOML config file or built-in preset name (default: the general recipe "
+                             "configs/default.toml with --ratings, else demo, synthetic)")
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--recs", default=None,
                         help="Parquet output of the fill (default: RUN_DIR/recs.parquet)")
-    parser.add_argument("--ratings", help="ratings file; overrides data.path")
+    parser.add_argument("--ratings", help="ratings file, folder, glob or URI; overrides data.path")
+    cmd_train.add_data_arguments(parser)
     parser.add_argument("--dedupe", choices=["error", "last", "mean"],
                         help="duplicate (user, item) pairs; overrides data.dedupe")
     parser.add_argument("--seed", type=int, help="training seed; overrides train.seed")
@@ -33,14 +38,18 @@ def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from svdfill.checkpoint import MODEL_FILE
-    from svdfill.launch import cmd_fill, cmd_train
+    from svdfill.launch import cmd_fill
 
     run_dir = Path(args.out)
     done = (run_dir / MODEL_FILE).exists() and (run_dir / "summary.json").exists()
     if args.overwrite or not done:
         resume = run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite
-        train_args = argparse.Namespace(config=args.config, out=str(run_dir), ratings=args.ratings,
-                                        dedupe=args.dedupe,
+        # no --config: `svdfill train`'s general recipe for a file, the demo preset without one
+        config = args.config if args.config is not None or args.ratings else "demo"
+        train_args = argparse.Namespace(config=config, out=str(run_dir), ratings=args.ratings,
+                                        dedupe=args.dedupe, format=args.format, sep=args.sep,
+                                        user_col=args.user_col, item_col=args.item_col,
+                                        rating_col=args.rating_col, scale=args.scale,
                                         seed=args.seed, device=args.device, epochs=args.epochs,
                                         resume=resume, overwrite=args.overwrite, quiet=args.quiet)
         rc = cmd_train.main(train_args)

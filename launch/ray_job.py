@@ -31,7 +31,8 @@ from pathlib import Path
 def train_worker(config: dict) -> None:
     """One Ray Train worker = one rank of the trainer (runs on every worker, after restarts too)."""
     from svdfill.config import Config, from_dict
-    from svdfill.distributed.ray_train import ray_train_world, restore_checkpoint, set_worker_threads
+    from svdfill.distributed.ray_train import (ray_train_world, restore_checkpoint, set_worker_threads,
+                                               worker_log)
     from svdfill.distributed.sharding import shard_by_rating_counts
     from svdfill.train import run_training
 
@@ -40,17 +41,18 @@ def train_worker(config: dict) -> None:
     world = ray_train_world(cfg.train.device)
     restore_checkpoint(config["out"], world)  # after a restart: Ray's last checkpoint → OUT
     run_training(cfg, config["out"], world=world, reshard=shard_by_rating_counts,
-                 resume=True, quiet=config["quiet"])
+                 resume=True, quiet=config["quiet"], log=worker_log)  # not print: once, not twice
 
 
 def _train_config(args: argparse.Namespace):
-    from svdfill.config import apply_overrides, load_config, resolve_data_path
+    from svdfill.config import apply_overrides, resolve_data_path
     from svdfill.launch import cmd_train
 
-    over = {**cmd_train.overrides_from_args(args), "dist.num_workers": args.num_workers,
+    over = {"dist.num_workers": args.num_workers,
             "dist.max_failures": args.max_failures, "dist.backend": args.backend,
             "dist.use_gpu": True if args.use_gpu else None}
-    cfg = apply_overrides(load_config(args.config), over)
+    # no --config: the general recipe, as `svdfill train` (not the bare Config() defaults)
+    cfg = apply_overrides(cmd_train.train_config(args), over)
     if cfg.dist.use_gpu and not cfg.train.device.startswith("cuda"):
         cfg = apply_overrides(cfg, {"train.device": "cuda"})
     if cfg.train.device.startswith("cuda") and not cfg.dist.use_gpu:

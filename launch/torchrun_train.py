@@ -30,15 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> int:
     import json
 
-    from svdfill.config import apply_overrides, load_config
+    from svdfill.config import apply_overrides
     from svdfill.distributed.process_group import init_from_env, shutdown
     from svdfill.distributed.world import DistWorld
     from svdfill.distributed.sharding import shard_by_rating_counts
     from svdfill.launch import cmd_train
     from svdfill.train import run_training
 
-    cfg = apply_overrides(load_config(args.config),
-                          {**cmd_train.overrides_from_args(args), "dist.backend": args.backend})
+    # no --config: the general recipe, as `svdfill train` (not the bare Config() defaults)
+    cfg = apply_overrides(cmd_train.train_config(args), {"dist.backend": args.backend})
     cmd_train.check_device(cfg.train.device)
     rank, size, device, backend = init_from_env(cfg.train.device, cfg.dist.backend)
     try:
