@@ -216,12 +216,7 @@ def detect_layout(path: str | os.PathLike, *, format: str = "auto", sep: str = "
     parts = [p for p in resolve(path) if p.size > 0] or resolve(path)[:1]
     part = parts[0]
     source = part.display if len(parts) == 1 else f"{_redacted(str(path))} ({len(parts)} part files)"
-    if part.size == 0:
-        raise DataError(f"{part.display}: empty file (no ratings)")
-    head = part.read_head()
-    if format == "auto":
-        format, sniffed = _detect_format(part, head)
-        sep = sep or sniffed
+    format, sep, head = _part_format(part, format, sep)
     if format == "parquet":
         import pyarrow.parquet as pq
 
@@ -243,15 +238,22 @@ def _redacted(text: str) -> str:
     return text.split("?", 1)[0]
 
 
-def _read_part(part: Part, format: str, sep: str, user_col: str, item_col: str, rating_col: str):
-    """(format, display, (users, items, ratings float64, locate), the format's scale) of one
-    part file."""
+def _part_format(part: Part, format: str, sep: str) -> tuple[str, str, bytes]:
+    """(format, separator, the file's first 64 KiB): ``"auto"`` resolved from the name and
+    the head; an empty file is an error."""
     if part.size == 0:
         raise DataError(f"{part.display}: empty file (no ratings)")
     head = part.read_head()
     if format == "auto":
         format, sniffed = _detect_format(part, head)
         sep = sep or sniffed
+    return format, sep, head
+
+
+def _read_part(part: Part, format: str, sep: str, user_col: str, item_col: str, rating_col: str):
+    """(format, display, (users, items, ratings float64, locate), the format's scale) of one
+    part file."""
+    format, sep, head = _part_format(part, format, sep)
     if format == "parquet":
         return format, part.display, _read_parquet(part, user_col, item_col, rating_col), None
     layout = _text_layout(part.display, head, format, sep, user_col, item_col, rating_col)
