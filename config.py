@@ -75,11 +75,15 @@ class DataConfig:
     dedupe: str = "error"
     """Duplicate (user, item) pairs: error | last | mean."""
     split: str = "random"
-    """Hold-out: random (over all ratings) | per_user (a fraction of each user's ratings)."""
+    """Hold-out: random (over all ratings) | per_user (a fraction of each user's ratings) | time (each user's latest val_fraction by timestamp, ≥ 1 kept in train; or, with split_time, every rating at or after that time)."""
     val_fraction: float = 0.1
-    """Fraction held out for validation (the original work used 10%)."""
+    """Fraction held out for validation (the original work used 10%); unused with split_time."""
     split_seed: int = 0
-    """Seed of the hold-out split, independent of the training seed."""
+    """Seed of the hold-out split, independent of the training seed (split time: the stochastic rounding of each user's count)."""
+    split_time: str | int = ""
+    """split = "time" only: a global cut-off, Unix seconds or an ISO date/time ("2020-01-01", UTC unless an offset is given); "" = each user's latest val_fraction."""
+    time_col: str = "timestamp"
+    """Column of rating times (csv with header, parquet; headerless text: the 4th field), read only for split = "time"; Unix seconds or ISO dates; left at the default, time/ts/date/... are recognised."""
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     """Generator settings used when ``path`` is empty."""
 
@@ -156,6 +160,8 @@ class TrainConfig:
     """After early stopping, retrain on train+validation for the best epoch count."""
     seed: int = 0
     """Seed of init and shuffling."""
+    init_from: str = ""
+    """Warm start: a run directory (or model.pt) whose user/item rows and biases start the users and items it knows (matched by raw id); new ones are initialized as usual; "" = cold start."""
     device: str = "cpu"
     """cpu | cuda | cuda:N."""
     checkpoint_every: int = 1
@@ -234,6 +240,30 @@ MOVED_KEYS = {
 """Flat keys of earlier versions → their key now. Refused in what a person writes (a TOML
 file, an override: the message names the new key); mapped by :func:`upgrade_moved_keys` in
 what svdfill wrote itself (a run directory's ``config.toml``, a model file's config)."""
+
+
+def parse_split_time(value: str | int, where: str = "config") -> int:
+    """Unix seconds of ``data.split_time``: an int (or integer text) as it is, an ISO
+    date/time ("2020-01-01", "2020-01-01T12:00:00+02:00") in UTC unless it gives an offset."""
+    import datetime as dt
+
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: data.split_time = {value!r}; expected Unix seconds or an ISO date")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        d = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{where}: data.split_time = {value!r} is neither Unix seconds nor an ISO "
+                          "date such as '2020-01-01'") from None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.timezone.utc)
+    return int(d.timestamp() // 1)
 
 
 def _moved(dotted: str, where: str) -> ConfigError:
@@ -381,7 +411,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], where: str = "comman
 _CHOICES = {
     ("data", "format"): {"auto", "ml-100k", "ml-dat", "csv", "plain", "parquet"},
     ("data", "dedupe"): {"error", "last", "mean"},
-    ("data", "split"): {"random", "per_user"},
+    ("data", "split"): {"random", "per_user", "time"},
     ("train", "solver"): {"sgd", "als", "gibbs"},
     ("train", "optimizer"): {"sgd", "adam", "adagrad", "sparse_adam"},
     ("train", "kernel"): {"torch", "fused"},
@@ -427,6 +457,11 @@ def validate(cfg: Config, where: str) -> None:
     for key, ok in checks:
         if not ok:
             raise ConfigError(f"{where}: {key} is out of range")
+    if cfg.data.split_time != "":
+        if cfg.data.split != "time":
+            raise ConfigError(f"{where}: data.split_time = {cfg.data.split_time!r} is a cut-off of "
+                              f"the time split; set data.split = 'time' (it is {cfg.data.split!r})")
+        parse_split_time(cfg.data.split_time, where)
     t = cfg.train
     if t.kernel == "fused" and (t.solver != "sgd"
                                 or t.optimizer not in ("sgd", "sparse_adam", "adagrad")):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from svdfill.data.errors import DataError
 from svdfill.data.idmap import IdMap
 from svdfill.data.readers import RawRatings
 
@@ -20,7 +21,8 @@ class Ratings:
     users: int32 [n] in ``0..n_users-1``; items: int32 [n] in ``0..n_items-1``;
     ratings: float32 [n]. CPU tensors unless moved with :meth:`to`. ``n_users``/``n_items``
     are the sizes of the id space (the model's table sizes), not the distinct ids present:
-    a split's halves keep the full sizes.
+    a split's halves keep the full sizes. timestamps: int64 [n] Unix seconds, or None (read
+    only for ``data.split = "time"``); :meth:`subset`, :meth:`cat` and :meth:`to` carry them.
     """
 
     users: torch.Tensor
@@ -28,12 +30,15 @@ class Ratings:
     ratings: torch.Tensor
     n_users: int
     n_items: int
+    timestamps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.ratings.shape[0]
         if self.users.shape != (n,) or self.items.shape != (n,) or self.ratings.dim() != 1:
             raise ValueError(f"Ratings: users {tuple(self.users.shape)}, items "
                              f"{tuple(self.items.shape)}, ratings {tuple(self.ratings.shape)} must be [n]")
+        if self.timestamps is not None and self.timestamps.shape != (n,):
+            raise ValueError(f"Ratings: timestamps {tuple(self.timestamps.shape)} must be [{n}]")
 
     def __len__(self) -> int:
         return int(self.ratings.shape[0])
@@ -48,20 +53,25 @@ class Ratings:
         if self.ratings.device == device:
             return self
         return Ratings(self.users.to(device), self.items.to(device), self.ratings.to(device),
-                       self.n_users, self.n_items)
+                       self.n_users, self.n_items,
+                       None if self.timestamps is None else self.timestamps.to(device))
 
     def subset(self, index: torch.Tensor | np.ndarray) -> "Ratings":
         """Rows ``index`` (int64 indices or a bool mask [n]); id-space sizes unchanged."""
         index = torch.as_tensor(index, device=self.ratings.device)
         return Ratings(self.users[index], self.items[index], self.ratings[index],
-                       self.n_users, self.n_items)
+                       self.n_users, self.n_items,
+                       None if self.timestamps is None else self.timestamps[index])
 
     def cat(self, other: "Ratings") -> "Ratings":
-        """``self`` followed by ``other`` (e.g. train + validation for a refit)."""
+        """``self`` followed by ``other`` (e.g. train + validation for a refit); timestamps
+        kept when both have them, else None."""
         if (other.n_users, other.n_items) != (self.n_users, self.n_items):
             raise ValueError("Ratings.cat: id spaces differ")
+        ts = (torch.cat([self.timestamps, other.timestamps])
+              if self.timestamps is not None and other.timestamps is not None else None)
         return Ratings(torch.cat([self.users, other.users]), torch.cat([self.items, other.items]),
-                       torch.cat([self.ratings, other.ratings]), self.n_users, self.n_items)
+                       torch.cat([self.ratings, other.ratings]), self.n_users, self.n_items, ts)
 
     def mean(self) -> float:
         """Global mean rating μ (float64 accumulation); NaN when empty."""
@@ -95,24 +105,32 @@ def encode(raw: RawRatings, idmap: IdMap | None = None) -> tuple[Ratings, IdMap]
         uc, ic = idmap.encode_users(raw.users), idmap.encode_items(raw.items)
         keep = (uc >= 0) & (ic >= 0)
     ratings = np.asarray(raw.ratings, dtype=np.float32)
+    ts = raw.timestamps
     if keep is not None and not keep.all():
         uc, ic, ratings = uc[keep], ic[keep], ratings[keep]
+        ts = ts[keep] if ts is not None else None
     if idmap.n_users >= 2**31 or idmap.n_items >= 2**31:
         raise ValueError("more than 2^31 users or items do not fit int32 ids")
     out = Ratings(torch.from_numpy(uc.astype(np.int32)), torch.from_numpy(ic.astype(np.int32)),
-                  torch.from_numpy(np.ascontiguousarray(ratings)), idmap.n_users, idmap.n_items)
+                  torch.from_numpy(np.ascontiguousarray(ratings)), idmap.n_users, idmap.n_items,
+                  None if ts is None else torch.from_numpy(np.ascontiguousarray(ts, dtype=np.int64)))
     return out, idmap
 
 
 def read_raw(data_cfg: Any) -> RawRatings:
     """The raw ratings ``cfg.data`` points to: the file at ``path`` (resolved with
     :func:`svdfill.config.resolve_data_path`) or, when ``path`` is empty, the synthetic
-    preset ``data_cfg.synthetic``."""
+    preset ``data_cfg.synthetic``. Timestamps are read only for ``split = "time"``."""
     from svdfill.config import resolve_data_path
 
+    timestamps = getattr(data_cfg, "split", "random") == "time"
     if not data_cfg.path:
         from svdfill.data.synth import generate
 
+        if timestamps:
+            raise DataError("synthetic data (empty data.path) has no timestamps for "
+                            "data.split = 'time'; set data.path to a ratings file with them, "
+                            "or data.split = 'random' / 'per_user'")
         return generate(data_cfg.synthetic)
     from svdfill.data.readers import read_ratings
 
@@ -129,6 +147,8 @@ def read_raw(data_cfg: Any) -> RawRatings:
         rating_col=data_cfg.rating_col,
         scale=scale,
         dedupe=data_cfg.dedupe,
+        timestamps=timestamps,
+        time_col=getattr(data_cfg, "time_col", "timestamp"),
     )
 
 

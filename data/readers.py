@@ -21,6 +21,13 @@ scan run, to name the exact bad line. Every problem raises
 :class:`~svdfill.data.errors.DataError` naming file, 1-based line (or Parquet row), the
 problem and the offending text.
 
+Timestamps (``timestamps=True``, asked for by ``data.split = "time"`` only, so every other
+run reads and holds nothing more): the 4th field of headerless text (ml-100k, ml-dat,
+plain), the ``time_col`` column of csv and Parquet (default ``timestamp``; when left at the
+default, ``time``/``ts``/``date``/... are recognised too). Integers are Unix seconds; floats
+are floored to seconds; ISO dates/times in text and Parquet timestamp/date columns become
+Unix seconds (UTC when no offset is given). A file without them is a DataError naming it.
+
 Raw ids keep their type: a text column whose every value is a canonical integer becomes
 int64, anything else stays ``str`` (so ``"007"`` is not silently merged with ``"7"``).
 """
@@ -61,6 +68,9 @@ _COLUMN_ALIASES = {
              "track_id", "trackid"),
     "rating": ("rating", "ratings", "score", "stars", "rate", "overall", "book-rating",
                "book_rating"),
+    # data.time_col's default; the others only when the setting is left alone
+    "timestamp": ("timestamp", "time", "ts", "date", "datetime", "unix_time", "unixtime",
+                  "unixreviewtime", "rated_at", "created_at"),
 }
 _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 _ML100K_NAME = re.compile(r"^u(\d|[ab])?\.(data|base|test)$")
@@ -79,6 +89,7 @@ class RawRatings:
     ratings: float32 [n]
     source: where they came from (a path, or ``"synthetic:..."``)
     truth: the planted model for synthetic data (see :mod:`svdfill.data.synth`), else None
+    timestamps: int64 [n] Unix seconds when read with ``timestamps=True``, else None
     """
 
     users: np.ndarray
@@ -86,6 +97,7 @@ class RawRatings:
     ratings: np.ndarray
     source: str = ""
     truth: Any = None
+    timestamps: np.ndarray | None = None
     _codes: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -116,6 +128,8 @@ def read_ratings(
     rating_col: str = "rating",
     scale: tuple[float, float] | None | str = "auto",
     dedupe: str = "error",
+    timestamps: bool = False,
+    time_col: str = "timestamp",
 ) -> RawRatings:
     """Read a ratings file.
 
@@ -124,7 +138,10 @@ def read_ratings(
     Parquet. scale: ``(lo, hi)`` (either side may be NaN = unchecked), ``None`` (no check)
     or ``"auto"`` (the format's own: MovieLens 1–5, MovieLens ratings.csv 0.5–5, else none).
     dedupe: duplicate (user, item) pairs → ``"error"`` (names both lines), ``"last"`` (keep
-    the last) or ``"mean"`` (average them, kept at the first occurrence's position).
+    the last) or ``"mean"`` (average them, kept at the first occurrence's position, with
+    the latest of their timestamps). timestamps: also read each rating's time into
+    ``RawRatings.timestamps`` (int64 [n] Unix seconds); a file without one is a DataError.
+    time_col: the timestamp column of csv and Parquet (headerless text: the 4th field).
     """
     shown = str(path)
     if format not in FORMATS:
@@ -134,7 +151,8 @@ def read_ratings(
     parts = resolve(path)
     source = parts[0].display if len(parts) == 1 else _redacted(shown)
     raw, locate = read_parts(parts, source=source, format=format, sep=sep, user_col=user_col,
-                             item_col=item_col, rating_col=rating_col, scale=scale)
+                             item_col=item_col, rating_col=rating_col, scale=scale,
+                             timestamps=timestamps, time_col=time_col)
     if len(raw) == 0:
         raise DataError(f"{source}: no ratings (the file holds no data rows)")
     return _dedupe(source, raw, dedupe, locate)
@@ -142,19 +160,23 @@ def read_ratings(
 
 def read_parts(parts: Sequence[Part], *, source: str, format: str = "auto", sep: str = "",
                user_col: str = "user", item_col: str = "item", rating_col: str = "rating",
-               scale: tuple[float, float] | None | str = "auto") -> tuple[RawRatings, Callable]:
+               scale: tuple[float, float] | None | str = "auto", timestamps: bool = False,
+               time_col: str = "timestamp") -> tuple[RawRatings, Callable]:
     """The ratings of ``parts`` in order, values checked, duplicates not looked at (a
     rank reading its share of a dataset leaves that to the rank that gathers each item's
     ratings). Returns ``(raw, locate)``: ``locate(rows) -> [(where, label, text)]`` names
     the part file and line/row of rows of ``raw``. No parts: an empty ``raw``.
+    timestamps/time_col: as :func:`read_ratings`.
     """
     if len(parts) > 1:
         # a dataset may hold empty part files (Spark writes them for empty partitions)
         parts = [p for p in parts if p.size > 0] or list(parts[:1])
     if not parts:
         empty = np.zeros(0, dtype=np.int64)
-        return RawRatings(empty, empty.copy(), np.zeros(0, np.float32), source=source), lambda rows: []
-    read = [_read_part(p, format, sep, user_col, item_col, rating_col) for p in parts]
+        return RawRatings(empty, empty.copy(), np.zeros(0, np.float32), source=source,
+                          timestamps=empty.copy() if timestamps else None), lambda rows: []
+    tcol = time_col if timestamps else None
+    read = [_read_part(p, format, sep, user_col, item_col, rating_col, tcol) for p in parts]
     formats = {r[0] for r in read}
     if len(formats) > 1:
         a = next(r for r in read if r[0] == read[0][0])
@@ -162,6 +184,7 @@ def read_parts(parts: Sequence[Part], *, source: str, format: str = "auto", sep:
         raise DataError(f"{source}: mixes formats: {a[1]} is {a[0]} but {b[1]} is {b[0]}; "
                         "point data.path at one kind of file")
     fmt_scale = read[0][3]
+    ts = np.concatenate([r[4] for r in read]) if timestamps else None
     cols = [r[2] for r in read]
     del read  # _concat releases each part's arrays as it joins them
     users, items, ratings, locate = _concat(cols)
@@ -170,7 +193,7 @@ def read_parts(parts: Sequence[Part], *, source: str, format: str = "auto", sep:
             raise DataError(f"{source}: scale must be (lo, hi), None or 'auto', got {scale!r}")
         scale = fmt_scale
     _check_values(source, ratings, scale, locate)
-    return RawRatings(users, items, ratings.astype(np.float32), source=source), locate
+    return RawRatings(users, items, ratings.astype(np.float32), source=source, timestamps=ts), locate
 
 
 @dataclass
@@ -250,14 +273,17 @@ def _part_format(part: Part, format: str, sep: str) -> tuple[str, str, bytes]:
     return format, sep, head
 
 
-def _read_part(part: Part, format: str, sep: str, user_col: str, item_col: str, rating_col: str):
-    """(format, display, (users, items, ratings float64, locate), the format's scale) of one
-    part file."""
+def _read_part(part: Part, format: str, sep: str, user_col: str, item_col: str, rating_col: str,
+               time_col: str | None = None):
+    """(format, display, (users, items, ratings float64, locate), the format's scale,
+    timestamps int64 [n] or None) of one part file; ``time_col`` None: no timestamps read."""
     format, sep, head = _part_format(part, format, sep)
     if format == "parquet":
-        return format, part.display, _read_parquet(part, user_col, item_col, rating_col), None
-    layout = _text_layout(part.display, head, format, sep, user_col, item_col, rating_col)
-    return format, part.display, _read_text(part, layout), layout.scale
+        *cols, ts = _read_parquet(part, user_col, item_col, rating_col, time_col)
+        return format, part.display, tuple(cols), None, ts
+    layout = _text_layout(part.display, head, format, sep, user_col, item_col, rating_col, time_col)
+    *cols, ts = _read_text(part, layout)
+    return format, part.display, tuple(cols), layout.scale, ts
 
 
 def _concat(cols: list[tuple]) -> tuple:
@@ -358,10 +384,11 @@ class _Layout:
     nfields: int
     scale: tuple[float, float] | None
     header_line: int = 0  # 1-based line of the header (0 = none)
+    timecol: str | None = None  # the timestamp column, when asked for
 
 
 def _text_layout(path: str, head: bytes, format: str, sep: str, user_col: str, item_col: str,
-                 rating_col: str) -> _Layout:
+                 rating_col: str, time_col: str | None = None) -> _Layout:
     lineno, line = _first_line(head)
     if not line:
         raise DataError(f"{path}: empty file (only blank lines)")
@@ -380,7 +407,7 @@ def _text_layout(path: str, head: bytes, format: str, sep: str, user_col: str, i
     if len(fields) == 1:
         _raise_separator(path, lineno, line, sep, format)
     if format == "csv":
-        return _csv_layout(path, lineno, line, fields, sep, user_col, item_col, rating_col)
+        return _csv_layout(path, lineno, line, fields, sep, user_col, item_col, rating_col, time_col)
     if len(fields) not in (3, 4):
         raise DataError(f"{where(path, lineno)}: expected 3 or 4 fields (user, item, rating"
                         f"[, timestamp]) separated by {_sep_name(sep)}, got {len(fields)}: {show(line)}"
@@ -390,7 +417,14 @@ def _text_layout(path: str, head: bytes, format: str, sep: str, user_col: str, i
         raise DataError(f"{where(path, lineno)}: rating {fields[2]!r} is not a number: {show(line)}{hint}")
     names = ["user", "item", "rating", "timestamp"][: len(fields)]
     scale = MOVIELENS_SCALE if format in ("ml-100k", "ml-dat") else None
-    return _Layout(format, sep, False, names, ("user", "item", "rating"), len(fields), scale)
+    if time_col is not None and len(fields) < 4:
+        raise DataError(
+            f"{where(path, lineno)}: no timestamp field: {format} lines here have 3 fields (user, item, "
+            f"rating) and data.split = 'time' needs a 4th (Unix seconds or an ISO date): {show(line)}; "
+            "use a file with timestamps (a csv/Parquet column named by data.time_col), or "
+            "data.split = 'random' / 'per_user'")
+    return _Layout(format, sep, False, names, ("user", "item", "rating"), len(fields), scale,
+                   timecol="timestamp" if time_col is not None else None)
 
 
 def _pick_column(names: Sequence[str], role: str, want: str) -> str | None:
@@ -406,7 +440,7 @@ def _pick_column(names: Sequence[str], role: str, want: str) -> str | None:
 
 
 def _csv_layout(path: str, lineno: int, line: str, fields: list[str], sep: str, user_col: str,
-                item_col: str, rating_col: str) -> _Layout:
+                item_col: str, rating_col: str, time_col: str | None = None) -> _Layout:
     names = [f.strip() for f in fields]
     if len(set(names)) != len(names):
         raise DataError(f"{where(path, lineno)}: header names a column twice: {show(line)}")
@@ -421,10 +455,23 @@ def _csv_layout(path: str, lineno: int, line: str, fields: list[str], sep: str, 
                 f"{where(path, lineno)}: missing {role} column {want!r}; the header has "
                 f"{', '.join(repr(n) for n in names)}{hint}; set data.{role}_col (--{role}-col)")
         chosen.append(found)
+    timecol = None
+    if time_col is not None:
+        timecol = _pick_column(names, "timestamp", time_col)
+        if timecol is None or timecol in chosen:
+            raise DataError(_no_time_column(where(path, lineno), names, time_col))
     lower = {n.lower() for n in names}
     movielens = {"userid", "movieid"} <= lower
     scale = MOVIELENS_CSV_SCALE if movielens else None
-    return _Layout("csv", sep, True, names, tuple(chosen), len(names), scale, header_line=lineno)
+    return _Layout("csv", sep, True, names, tuple(chosen), len(names), scale, header_line=lineno,
+                   timecol=timecol)
+
+
+def _no_time_column(loc: str, names: Sequence[str], time_col: str) -> str:
+    alias = (" (nor time, ts, date, ...)" if time_col == "timestamp" else "")
+    return (f"{loc}: no timestamp column {time_col!r}{alias} for data.split = 'time'; the file has "
+            f"{', '.join(repr(n) for n in names)}; set data.time_col to the column holding each "
+            "rating's time, or use data.split = 'random' / 'per_user'")
 
 
 def _split(line: str, sep: str, quoted: bool) -> list[str]:
@@ -478,9 +525,13 @@ def _read_text(part: Part, layout: _Layout):
         quote_char='"' if layout.format == "csv" else False,
         ignore_empty_lines=True,
     )
+    tcol = layout.timecol
+    types = {ucol: pa.string(), icol: pa.string(), rcol: pa.float64()}
+    if tcol is not None:
+        types[tcol] = pa.string()  # integers or ISO dates: _timestamps decides, naming a bad line
     convert_opts = pacsv.ConvertOptions(
-        column_types={ucol: pa.string(), icol: pa.string(), rcol: pa.float64()},
-        include_columns=[ucol, icol, rcol],
+        column_types=types,
+        include_columns=list(types),
         null_values=[],
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
@@ -499,7 +550,8 @@ def _read_text(part: Part, layout: _Layout):
     users = _text_ids(table.column(ucol), "user", locate, path)
     items = _text_ids(table.column(icol), "item", locate, path)
     ratings = table.column(rcol).to_numpy()
-    return users, items, ratings, locate
+    ts = _timestamps(table.column(tcol), tcol, locate, path) if tcol is not None else None
+    return users, items, ratings, locate, ts
 
 
 def _text_ids(col: pa.ChunkedArray, role: str, locate, path: str) -> np.ndarray:
@@ -619,7 +671,8 @@ def _scan_text(part: Part, layout: _Layout) -> None:
 # ----------------------------------------------------------------------------------------
 # Parquet
 # ----------------------------------------------------------------------------------------
-def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
+def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str,
+                  time_col: str | None = None):
     path = part.display
     try:
         handle = (pa.BufferReader(part.read_all()) if part.compression
@@ -627,7 +680,7 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e}") from None
     with handle:
-        table, _ = _parquet_columns(handle, path, part, user_col, item_col, rating_col)
+        table, _ = _parquet_columns(handle, path, part, user_col, item_col, rating_col, time_col)
 
     def locate(rows: Sequence[int]) -> list[tuple[str, str, str]]:
         # rows are looked up again in the file, on the error path only: the table itself is
@@ -659,12 +712,14 @@ def _read_parquet(part: Part, user_col: str, item_col: str, rating_col: str):
             (loc, _, text), = locate([bad])
             raise DataError(f"{loc}: rating is not a number: {text}") from None
     ratings = np.asarray(pc.cast(rcol, pa.float64()).to_numpy(), dtype=np.float64)
-    return users, items, ratings, locate
+    ts = _timestamps(table.column(time_col), time_col, locate, path) if time_col is not None else None
+    return users, items, ratings, locate, ts
 
 
-def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str, rating_col: str):
-    """(table of the three columns of ``part``'s row groups, the file row of its first row);
-    only those columns are read."""
+def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str, rating_col: str,
+                     time_col: str | None = None):
+    """(table of the three columns (four with ``time_col``) of ``part``'s row groups, the file
+    row of its first row); only those columns are read."""
     import pyarrow.parquet as pq
 
     try:
@@ -681,6 +736,11 @@ def _parquet_columns(handle, path: str, part: Part, user_col: str, item_col: str
             raise DataError(f"{path}: missing {role} column {want!r}; the file has "
                             f"{', '.join(repr(n) for n in names)}; set data.{role}_col (--{role}-col)")
         actual[want] = found
+    if time_col is not None:
+        found = _pick_column(names, "timestamp", time_col)
+        if found is None or found in actual.values():
+            raise DataError(_no_time_column(path, names, time_col))
+        actual[time_col] = found
     cols = [c for c in actual.values() if c is not None]
     try:
         if part.row_groups is None:
@@ -733,6 +793,86 @@ def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: str) 
             raise DataError(f"{loc}: {role} id is not an integer in float column {name!r}: {text}")
         return a.astype(np.int64)
     raise DataError(f"{path}: {role} column {name!r} has type {t}; expected integers or strings")
+
+
+# ----------------------------------------------------------------------------------------
+# Timestamps
+# ----------------------------------------------------------------------------------------
+def _timestamps(col: pa.ChunkedArray, name: str, locate: Callable, path: str) -> np.ndarray:
+    """int64 [n] Unix seconds of a timestamp column: integers as they are, floats floored,
+    Arrow timestamps/dates and ISO text (UTC without an offset) converted. A value that is
+    none of these raises naming its line (row)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    _no_nulls(pa.chunked_array([col]), "timestamp", name, locate)
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col = pc.cast(col, t.value_type)
+        t = col.type
+    if pa.types.is_integer(t):
+        return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return _floored(np.asarray(pc.cast(col, pa.float64()).to_numpy(), dtype=np.float64),
+                        locate)
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        # the stored value is UTC (or naive, read as UTC); seconds, sub-seconds dropped
+        sec = pc.cast(pc.cast(col, pa.timestamp("s", t.tz if pa.types.is_timestamp(t) else None),
+                              safe=False), pa.int64())
+        return np.asarray(sec.to_numpy(), dtype=np.int64)
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise DataError(f"{path}: timestamp column {name!r} has type {t}; expected integers "
+                        "(Unix seconds), dates or ISO date text; set data.time_col")
+    # text: one vectorized cast per reading (all integers, all numbers, all ISO, naive or
+    # with an offset); a mixed or bad column falls back to Python, which names the bad line
+    for to in (pa.int64(), pa.float64(), pa.timestamp("ns"), pa.timestamp("ns", "UTC")):
+        try:
+            got = pc.cast(pc.utf8_trim_whitespace(col), to)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+        if pa.types.is_timestamp(to):
+            return np.asarray(pc.cast(got, pa.int64()).to_numpy(), dtype=np.int64) // 10**9
+        if to == pa.float64():
+            return _floored(np.asarray(got.to_numpy(), dtype=np.float64), locate)
+        return np.asarray(got.to_numpy(), dtype=np.int64)
+    out = np.empty(len(col), dtype=np.int64)
+    for j, v in enumerate(col.to_pylist()):
+        sec = _text_seconds(v)
+        if sec is None:
+            (loc, _, text), = locate([j])
+            raise DataError(f"{loc}: timestamp {v!r} is neither Unix seconds nor an ISO date: "
+                            f"{text}; set data.time_col to the column holding each rating's time")
+        out[j] = sec
+    return out
+
+
+def _floored(a: np.ndarray, locate: Callable) -> np.ndarray:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        (loc, _, text), = locate([int(np.flatnonzero(bad)[0])])
+        raise DataError(f"{loc}: timestamp is not a finite number: {text}")
+    return np.floor(a).astype(np.int64)
+
+
+def _text_seconds(text: str) -> int | None:
+    """Unix seconds of one timestamp text (integer, number, ISO date/time), else None."""
+    import datetime as dt
+
+    s = text.strip()
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+        return int(math.floor(f)) if math.isfinite(f) else None
+    except ValueError:
+        pass
+    try:
+        d = dt.datetime.fromisoformat(s)
+    except ValueError:
+        return None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=dt.timezone.utc)
+    return int(math.floor(d.timestamp()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -825,6 +965,7 @@ def _dedupe(path: str, raw: RawRatings, policy: str, locate: Callable) -> RawRat
         end[:-1] = start[1:]
         keep = np.sort(order[end])
         ratings = raw.ratings[keep]
+        ts = raw.timestamps[keep] if raw.timestamps is not None else None
     else:  # mean, in float64, kept at the first occurrence's position
         sums = np.bincount(group, weights=raw.ratings[order].astype(np.float64), minlength=n_groups)
         counts = np.bincount(group, minlength=n_groups)
@@ -832,7 +973,12 @@ def _dedupe(path: str, raw: RawRatings, policy: str, locate: Callable) -> RawRat
         pos = np.argsort(firsts, kind="stable")
         keep = firsts[pos]
         ratings = (sums / counts)[pos].astype(np.float32)
-    out = RawRatings(raw.users[keep], raw.items[keep], ratings, raw.source)
+        ts = None
+        if raw.timestamps is not None:  # the pair's latest time: when its mean was complete
+            latest = np.full(n_groups, np.iinfo(np.int64).min, dtype=np.int64)
+            np.maximum.at(latest, group, raw.timestamps[order])
+            ts = latest[pos]
+    out = RawRatings(raw.users[keep], raw.items[keep], ratings, raw.source, timestamps=ts)
     out._codes = (uu, uc[keep], iu, ic[keep])
     return out
 

@@ -1,7 +1,7 @@
 """Seeded train/validation hold-out splits, and the cold-pair count of a split.
 
-Both splits are pure functions of (ratings, fraction, seed): numpy's PCG64 stream, no
-global RNG, no dependence on the device or thread count.
+Every split is a pure function of (ratings, fraction, seed[, timestamps, cutoff]): numpy's
+PCG64 stream, no global RNG, no dependence on the device or thread count.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 
 from svdfill.data.dataset import Ratings
 
-HOW = ("random", "per_user")
+HOW = ("random", "per_user", "time")
 
 
 def split_indices(ratings: Ratings, *, how: str = "random", fraction: float = 0.1,
-                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 0, cutoff: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train_idx, val_idx): int64 CPU tensors, each sorted ascending, disjoint, together
     ``0..n-1``.
 
@@ -23,14 +23,33 @@ def split_indices(ratings: Ratings, *, how: str = "random", fraction: float = 0.
     per_user: each user holds out about ``fraction`` of their own ratings (stochastic
     rounding of ``fraction·count``, so the total is ≈ ``fraction·n``), but never their last
     one: every user with ≥ 1 rating keeps ≥ 1 in train (users with 1 rating hold out none).
+    time (needs ``ratings.timestamps``): without ``cutoff``, each user holds out as many as
+    per_user would (the same stochastic rounding, the same ≥ 1 kept), but their latest ones:
+    ordered by (timestamp, position in the file), the last ``want`` go to validation, so a
+    user's every held-out rating is at least as late as every one they train on and equal
+    times are broken by file order. With ``cutoff`` (Unix seconds): every rating at or after
+    it is held out, whoever rated it (``fraction`` and ``seed`` unused; users with no rating
+    before it are cold in validation).
     """
     if how not in HOW:
         raise ValueError(f"unknown split {how!r}; expected one of {', '.join(HOW)}")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    if cutoff is not None and how != "time":
+        raise ValueError(f"a cut-off time is for the time split, not {how!r}")
     n = len(ratings)
     if how == "random":
         is_val = random_val_mask(n, fraction, seed)
+    elif how == "time":
+        if ratings.timestamps is None:
+            raise ValueError("the time split needs ratings with timestamps (read with "
+                             "data.split = 'time' so the reader keeps them)")
+        ts = ratings.timestamps.cpu().numpy().astype(np.int64)
+        if cutoff is not None:
+            is_val = ts >= int(cutoff)
+        else:
+            is_val = _latest_mask(ratings.users.cpu().numpy().astype(np.int64), ts,
+                                  ratings.n_users, fraction, _rng(seed))
     else:
         is_val = _per_user_mask(ratings.users.cpu().numpy().astype(np.int64), ratings.n_users,
                                 fraction, _rng(seed))
@@ -110,13 +129,46 @@ def _per_user_mask(users: np.ndarray, n_users: int, fraction: float,
     return is_val
 
 
+def _latest_mask(users: np.ndarray, ts: np.ndarray, n_users: int, fraction: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """bool [n]: each user's latest ``want`` ratings (users, ts: int64 [n]); ``want`` drawn
+    as :func:`_per_user_mask` draws it (one uniform per user, in user order)."""
+    n = users.shape[0]
+    counts = np.bincount(users, minlength=n_users)
+    want = np.floor(fraction * counts + rng.random(n_users)).astype(np.int64)
+    want = np.minimum(want, np.maximum(counts - 1, 0))
+    # by user, then time, then file position: a stable order, so equal times keep file order
+    order = np.lexsort((np.arange(n), ts, users))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(n, dtype=np.int64) - np.repeat(starts, counts)  # 0 = the user's earliest
+    is_val = np.zeros(n, dtype=bool)
+    su = users[order]
+    is_val[order] = rank >= counts[su] - want[su]
+    return is_val
+
+
 def split(ratings: Ratings, *, how: str = "random", fraction: float = 0.1,
-          seed: int = 0) -> tuple[Ratings, Ratings]:
-    """(train, val) :class:`Ratings` subsets (rows in file order, full id-space sizes);
-    see :func:`split_indices` for the rules and for the index form."""
-    train_idx, val_idx = split_indices(ratings, how=how, fraction=fraction, seed=seed)
+          seed: int = 0, cutoff: int | None = None) -> tuple[Ratings, Ratings]:
+    """(train, val) :class:`Ratings` subsets (rows in file order, full id-space sizes,
+    timestamps carried when present); see :func:`split_indices` for the rules and for the
+    index form."""
+    train_idx, val_idx = split_indices(ratings, how=how, fraction=fraction, seed=seed,
+                                       cutoff=cutoff)
     dev = ratings.device
     return ratings.subset(train_idx.to(dev)), ratings.subset(val_idx.to(dev))
+
+
+def describe(how: str, fraction: float, cutoff: int | None = None) -> str:
+    """The split in words, for the training log: ``"time split: each user's latest 10%"``."""
+    if how == "time" and cutoff is not None:
+        import datetime as dt
+
+        when = dt.datetime.fromtimestamp(int(cutoff), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"time split: ratings at or after {when} (Unix {int(cutoff)})"
+    what = {"random": "random split: {:g}% of all ratings",
+            "per_user": "per-user split: {:g}% of each user's ratings",
+            "time": "time split: each user's latest {:g}%"}[how]
+    return what.format(100 * fraction)
 
 
 def cold_mask(train: Ratings, val: Ratings) -> tuple[torch.Tensor, torch.Tensor]:

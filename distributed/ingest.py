@@ -21,7 +21,7 @@ Duplicate pairs are checked where they meet: all ratings of an item end on one r
 rating, a malformed line or a duplicate raises the same error on every rank (the one that
 one process would raise first), so no rank waits forever on a collective.
 
-Left to the old path (every rank reads everything): ``data.split = "per_user"`` and
+Left to the old path (every rank reads everything): ``data.split = "per_user"`` or ``"time"``, and
 ``data.dedupe = "last" | "mean"`` (both need a user's or a pair's ratings in one place before
 the split), and the synthetic preset (generated, not read).
 """
@@ -65,6 +65,9 @@ def supported(data_cfg: Any) -> str | None:
     """None when :func:`read_sharded` can read ``data_cfg``; else why the old path runs."""
     if not data_cfg.path:
         return "synthetic data is generated, not read"
+    if data_cfg.split == "time":
+        # each user's latest ratings (or a cut-off) need the timestamps, which shares do not carry
+        return "data.split = 'time' needs each user's ratings and their timestamps in one place"
     if data_cfg.split != "random":
         return f"data.split = {data_cfg.split!r} needs each user's ratings in one place"
     if data_cfg.dedupe != "error":

@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "Benchmarks that print a table with a baseline measured in the same run.",
     "similar": "Each item's top-k most similar items (cosine or dot of the factors) as Parquet.",
     "export-factors": "Write the user/item factors and biases as Parquet (or a Spark ALSModel).",
+    "foldin": "Fold new or changed users into a trained model (items fixed) and write a new run.",
 }
 
 

@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
     parser.add_argument("--seed", type=int, help="training seed; overrides train.seed")
     parser.add_argument("--device", help="cpu | cuda | cuda:N; overrides train.device")
     parser.add_argument("--epochs", type=int, help="maximum epochs; overrides train.epochs")
+    parser.add_argument("--init-from", metavar="RUN_DIR",
+                        help="warm start from this run's rows (matched by raw id); overrides train.init_from")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -122,7 +124,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {"data.path": getattr(args, "ratings", None), "data.dedupe": getattr(args, "dedupe", None),
             **data_overrides(args),
             "train.seed": getattr(args, "seed", None),
-            "train.device": getattr(args, "device", None), "train.epochs": getattr(args, "epochs", None)}
+            "train.device": getattr(args, "device", None), "train.epochs": getattr(args, "epochs", None),
+            "train.init_from": getattr(args, "init_from", None)}
 
 
 def train_config(args: argparse.Namespace):

@@ -142,3 +142,19 @@ def test_every_field_has_a_docstring_line():
                             and isinstance(nxt.value.value, str)):
                         missing.append(f"{node.name}.{st.target.id}")
     assert not missing, missing
+
+
+def test_time_split_settings(tmp_path):
+    from svdfill.config import parse_split_time
+
+    cfg = apply_overrides(Config(), {"data.split": "time", "data.split_time": "2020-01-01"})
+    assert cfg.data.time_col == "timestamp" and parse_split_time(cfg.data.split_time) == 1577836800
+    assert parse_split_time("2020-01-01T02:00:00+02:00") == 1577836800
+    assert parse_split_time(1577836800) == parse_split_time("1577836800") == 1577836800
+    f = tmp_path / "t.toml"
+    f.write_text('[data]\nsplit = "time"\nsplit_time = 1577836800\n')  # a TOML integer
+    assert load_config(f).data.split_time == 1577836800
+    with pytest.raises(ConfigError, match="data.split_time = 'soon' is neither"):
+        apply_overrides(Config(), {"data.split": "time", "data.split_time": "soon"})
+    with pytest.raises(ConfigError, match="set data.split = 'time'"):
+        apply_overrides(Config(), {"data.split_time": "2020-01-01"})

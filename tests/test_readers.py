@@ -285,3 +285,81 @@ def test_message_format_names_line(tmp_path):
     p = write(tmp_path, "ratings.dat", "1::1::1\n" * 3 + "bad line\n")
     msg = error_of(p)
     assert re.search(rf"{re.escape(str(p))}:4: ", msg)
+
+
+# --------------------------------------------------------------------------- timestamps
+def test_ml100k_timestamps_only_when_asked(ml100k_path):
+    assert read_ratings(ml100k_path).timestamps is None
+    r = read_ratings(ml100k_path, timestamps=True)
+    assert r.timestamps.dtype == np.int64 and r.timestamps.shape == (100_000,)
+    assert r.timestamps[0] == 881250949  # 196 242 3 881250949
+    assert r.timestamps.min() == 874724710 and r.timestamps.max() == 893286638
+
+
+def test_ml1m_has_no_timestamps(ml1m_path):
+    with pytest.raises(DataError, match=r"ratings\.dat:1: no timestamp field: ml-dat lines here "
+                                        r"have 3 fields.*data\.time_col"):
+        read_ratings(ml1m_path, timestamps=True)
+
+
+def test_timestamps_of_text_formats(tmp_path):
+    dat = tmp_path / "ratings.dat"
+    dat.write_text("1::10::5::978300760\n1::11::3::978302109\n")
+    assert read_ratings(dat, timestamps=True).timestamps.tolist() == [978300760, 978302109]
+    plain = tmp_path / "r.txt"
+    plain.write_text("1 1 2\n1 2 4\n")
+    with pytest.raises(DataError, match=r"r\.txt:1: no timestamp field: plain lines here have 3"):
+        read_ratings(plain, timestamps=True)
+    csv = tmp_path / "ratings.csv"
+    csv.write_text("userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n1,29,3.5,1112484676.7\n")
+    assert read_ratings(csv, timestamps=True).timestamps.tolist() == [1112486027, 1112484676]
+
+
+@pytest.mark.parametrize("name", ["time", "ts", "Date"])
+def test_csv_time_column_spellings_and_iso_dates(tmp_path, name):
+    f = tmp_path / "r.csv"
+    f.write_text(f"user,item,rating,{name}\n1,1,3,2020-01-01\n1,2,4,2020-01-01T00:00:10\n"
+                 "2,1,5,2020-01-01T02:00:00+02:00\n")
+    assert read_ratings(f, timestamps=True).timestamps.tolist() == [1577836800, 1577836810, 1577836800]
+
+
+def test_csv_missing_or_bad_time_column(tmp_path):
+    f = tmp_path / "r.csv"
+    f.write_text("user,item,rating,when\n1,1,3,1\n")
+    with pytest.raises(DataError,
+                       match=r"r\.csv:1: no timestamp column 'timestamp'.*'when'.*set data\.time_col"):
+        read_ratings(f, timestamps=True)
+    assert read_ratings(f, timestamps=True, time_col="when").timestamps.tolist() == [1]
+    with pytest.raises(DataError, match="no timestamp column 'stamp'"):
+        read_ratings(f, timestamps=True, time_col="stamp")  # a chosen name is taken literally
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item,rating,timestamp\n1,1,3,100\n1,2,3,yesterday\n")
+    with pytest.raises(DataError, match=r"bad\.csv:3: timestamp 'yesterday' is neither"):
+        read_ratings(bad, timestamps=True)
+    assert read_ratings(bad).timestamps is None  # not asked for: not read, not checked
+
+
+def test_parquet_timestamps(tmp_path):
+    import datetime as dt
+
+    f = tmp_path / "r.parquet"
+    pq.write_table(pa.table({
+        "user": [1, 2, 3], "item": [1, 1, 2], "rating": [1.0, 2.0, 3.0],
+        "ts": pa.array([dt.datetime(2020, 1, 1), dt.datetime(2020, 1, 1, 0, 0, 1, 500),
+                        dt.datetime(2021, 1, 1)], pa.timestamp("ms")),
+        "unix": [5, 6, 7]}), f)
+    assert read_ratings(f, timestamps=True).timestamps.tolist() == [1577836800, 1577836801, 1609459200]
+    assert read_ratings(f, timestamps=True, time_col="unix").timestamps.tolist() == [5, 6, 7]
+    g = tmp_path / "none.parquet"
+    pq.write_table(pa.table({"user": [1], "item": [1], "rating": [1.0]}), g)
+    with pytest.raises(DataError, match=r"none\.parquet: no timestamp column.*set data\.time_col"):
+        read_ratings(g, timestamps=True)
+
+
+def test_dedupe_keeps_timestamps(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("user,item,rating,timestamp\n1,1,2,10\n1,2,3,20\n1,1,4,30\n")
+    last = read_ratings(f, timestamps=True, dedupe="last")
+    assert last.ratings.tolist() == [3.0, 4.0] and last.timestamps.tolist() == [20, 30]
+    mean = read_ratings(f, timestamps=True, dedupe="mean")
+    assert mean.ratings.tolist() == [3.0, 3.0] and mean.timestamps.tolist() == [30, 20]

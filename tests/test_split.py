@@ -142,3 +142,148 @@ def test_ml100k_split(ml100k_path):
     assert (len(train), len(val)) == (90_000, 10_000)
     c = cold_counts(train, val)
     assert 0 <= c["cold_pairs"] < 100  # a handful of rare items only
+
+
+# ---- data.split = "time" ----------------------------------------------------------------
+
+def with_times(r: Ratings, seed=0, span=50) -> Ratings:
+    """``r`` with int64 timestamps drawn from a small range (so equal times occur)."""
+    ts = np.random.default_rng(seed + 1).integers(0, span, len(r))
+    return Ratings(r.users, r.items, r.ratings, r.n_users, r.n_items, torch.from_numpy(ts))
+
+
+def _check_latest(r: Ratings, tr: torch.Tensor, va: torch.Tensor) -> None:
+    """Every held-out rating of a user is at least as late as every one they train on (and,
+    at equal times, later in the file), and every user with ratings keeps one in train."""
+    u, ts = r.users.numpy(), r.timestamps.numpy()
+    key = ts.astype(np.float64) * (len(r) + 1) + np.arange(len(r))  # (time, file position)
+    for user in np.unique(u):
+        t_rows = tr.numpy()[u[tr.numpy()] == user]
+        v_rows = va.numpy()[u[va.numpy()] == user]
+        assert t_rows.size >= 1
+        if v_rows.size:
+            assert ts[v_rows].min() >= ts[t_rows].max()
+            assert key[v_rows].min() > key[t_rows].max()
+
+
+def test_time_split_holds_out_each_users_latest_fraction():
+    r = with_times(make())
+    tr, va = split_indices(r, how="time", fraction=0.2, seed=3)
+    assert torch.equal(torch.sort(torch.cat([tr, va])).values, torch.arange(len(r)))
+    _check_latest(r, tr, va)
+    # the per-user counts are exactly the per_user split's (the same stochastic rounding)
+    _, va_pu = split_indices(r, how="per_user", fraction=0.2, seed=3)
+    nu = r.n_users
+    assert np.array_equal(np.bincount(r.users[va].numpy(), minlength=nu),
+                          np.bincount(r.users[va_pu].numpy(), minlength=nu))
+    tr2, va2 = split_indices(r, how="time", fraction=0.2, seed=3)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2)
+
+
+def test_time_split_ties_follow_file_order():
+    # one user, all at the same time: the last rows of the file are the latest
+    r = Ratings.from_arrays(np.zeros(10), np.arange(10), np.ones(10), 1, 10)
+    r = Ratings(r.users, r.items, r.ratings, 1, 10, torch.zeros(10, dtype=torch.int64))
+    tr, va = split_indices(r, how="time", fraction=0.3, seed=0)
+    assert va.tolist() == list(range(10 - len(va), 10)) and len(va) in (3, 4)
+
+
+def test_time_split_global_cutoff_and_errors():
+    r = with_times(make())
+    tr, va = split_indices(r, how="time", cutoff=40)
+    ts = r.timestamps
+    assert bool((ts[va] >= 40).all()) and bool((ts[tr] < 40).all())
+    assert len(va) == int((ts >= 40).sum())
+    with pytest.raises(ValueError, match="timestamps"):
+        split_indices(make(), how="time")
+    with pytest.raises(ValueError, match="time split"):
+        split_indices(r, how="per_user", cutoff=40)
+
+
+def test_ratings_carry_timestamps_through_subset_cat_to():
+    r = with_times(make(n=20))
+    a, b = r.subset(torch.arange(5)), r.subset(torch.arange(5, 20))
+    assert torch.equal(a.cat(b).timestamps, r.timestamps)
+    assert r.to("cpu").timestamps is r.timestamps
+    assert make(n=5).cat(make(n=5)).timestamps is None
+    with pytest.raises(ValueError, match="timestamps"):
+        Ratings(r.users, r.items, r.ratings, r.n_users, r.n_items, r.timestamps[:3])
+
+
+def test_random_and_per_user_ignore_timestamps():
+    r = make()
+    rt = with_times(r)
+    for how in ("random", "per_user"):
+        for x, y in zip(split_indices(r, how=how, fraction=0.2, seed=5),
+                        split_indices(rt, how=how, fraction=0.2, seed=5)):
+            assert torch.equal(x, y)
+
+
+def _ml100k_cfg(path, **data):
+    from svdfill.config import DataConfig
+
+    return DataConfig(path=str(path), format="ml-100k", **data)
+
+
+def test_time_split_on_ml100k(ml100k_path):
+    from svdfill.config import parse_split_time
+    from svdfill.data.dataset import load_dataset
+
+    r, _ = load_dataset(_ml100k_cfg(ml100k_path, split="time"))
+    assert r.timestamps is not None and r.timestamps.dtype == torch.int64
+    tr, va = split_indices(r, how="time", fraction=0.1, seed=0)
+    _check_latest(r, tr, va)
+    counts = np.bincount(r.users.numpy(), minlength=r.n_users)
+    held = np.bincount(r.users[va].numpy(), minlength=r.n_users)
+    # stochastic rounding: each user holds out floor or ceil of 10% of their count
+    assert np.all((held == np.floor(0.1 * counts)) | (held == np.ceil(0.1 * counts)))
+    assert abs(len(va) - 0.1 * len(r)) < 0.01 * len(r)
+    tr2, va2 = split_indices(r, how="time", fraction=0.1, seed=0)
+    assert torch.equal(va, va2)
+    # a global cut-off splits exactly at the time (ML-100K spans Sep 1997 – Apr 1998)
+    cut = parse_split_time("1998-03-01")
+    tr, va = split_indices(r, how="time", cutoff=cut)
+    assert bool((r.timestamps[va] >= cut).all()) and bool((r.timestamps[tr] < cut).all())
+    assert 0 < len(va) < len(r) and len(va) == int((r.timestamps >= cut).sum())
+    # other splits read no timestamps at all (memory of every other run unchanged)
+    assert load_dataset(_ml100k_cfg(ml100k_path))[0].timestamps is None
+
+
+def test_time_split_on_files_without_timestamps_is_a_clear_error(ml1m_path, tmp_path):
+    from svdfill.config import DataConfig
+    from svdfill.data.dataset import load_dataset
+    from svdfill.data.errors import DataError
+
+    with pytest.raises(DataError, match=r"ratings\.dat:1: no timestamp field.*data\.time_col"):
+        load_dataset(DataConfig(path=str(ml1m_path), split="time"))
+    f = tmp_path / "three.tsv"
+    f.write_text("1\t1\t3\n2\t1\t4\n")
+    with pytest.raises(DataError, match=r"three\.tsv:1: no timestamp field"):
+        load_dataset(_ml100k_cfg(f, split="time"))
+
+
+def test_train_with_time_split_end_to_end(ml100k_path, tmp_path, capsys):
+    import json
+
+    from svdfill.config import BUILTIN_DIR
+    from svdfill.launch.cli import main
+
+    toml = (BUILTIN_DIR / "ml-100k.toml").read_text().replace('split = "random"', 'split = "time"')
+    cfg = tmp_path / "time.toml"
+    cfg.write_text(toml)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--ratings", str(ml100k_path), "--out", str(out),
+                 "--epochs", "4"]) == 0
+    log = capsys.readouterr().out
+    assert "time split: each user's latest 10%" in log
+    s = json.loads((out / "summary.json").read_text())
+    # every user keeps their earliest ratings in train: only items first rated late are cold
+    assert s["split"] == "time split: each user's latest 10%" and s["n_val_cold_users"] == 0
+    assert 0.8 < s["val_rmse"] < 1.3
+
+
+def test_time_split_makes_every_rank_read_everything():
+    from svdfill.config import DataConfig
+    from svdfill.distributed.ingest import supported
+
+    assert "timestamps" in supported(DataConfig(path="x", split="time"))

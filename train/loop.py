@@ -169,6 +169,13 @@ def _run_phase(phase: str, cfg: Config, world: World, train: Ratings, val: Ratin
     vdata = DeviceRatings.of(val, dev) if val is not None and n_global(world, val) > 0 else None
     shard = TrainShard.build(world, train, n_items, lo, hi)
     solver = make_solver(cfg, world, shard)
+    if t.init_from and not (ckpt is not None and ckpt.phase == phase):
+        # a resumed phase has its own rows in the checkpoint; warm-start only fresh ones
+        from svdfill.train.warm_start import describe, warm_start
+
+        kept = warm_start(solver.model, t.init_from, carry.get("idmap"), lo, hi)
+        if not quiet and world.is_main:
+            log(describe(kept, shard.n_users, hi - lo, t.init_from))
     data = shard.ratings
     # each rank's share of the per-epoch train-metrics sample follows its share of the ratings
     n_all = max(shard.n_global, 1.0)

@@ -37,7 +37,7 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
     """
     from svdfill.data.csr import build_csr, build_csr_pair
     from svdfill.data.dataset import load_dataset
-    from svdfill.data.split import split
+    from svdfill.data.split import describe, split
 
     run_dir = Path(run_dir)
     w0 = world if world is not None else World(device=torch.device(cfg.train.device))
@@ -62,13 +62,14 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
 
             raise UserError(f"{cfg.data.path or 'synthetic data'}: no ratings to train on")
         train, val = split(ratings, how=cfg.data.split, fraction=cfg.data.val_fraction,
-                           seed=cfg.data.split_seed)
+                           seed=cfg.data.split_seed, cutoff=_cutoff(cfg))
         w = reshard(w0, train) if reshard is not None else w0
         ingest = "every rank all" if w.world_size > 1 else "one process"
     counts = torch.tensor([float(len(train)), float(len(val))], dtype=torch.float64)
     if shared is not None:
         w.all_reduce_sum(counts)
     n_train, n_val = (int(x) for x in counts)
+    how_split = describe(cfg.data.split, cfg.data.val_fraction, _cutoff(cfg))
 
     created_dir = not run_dir.exists()
     wrote_final: list[Path] = []
@@ -81,13 +82,14 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
             t = cfg.train
             method = t.solver if t.solver != "sgd" else "sgd/" + t.optimizer
             log(f"training on {n_train:,} ratings ({train.n_users:,} users × {train.n_items:,} items), "
-                f"validating on {n_val:,}; {method}, d={cfg.model.factors}, "
+                f"validating on {n_val:,} ({how_split}); {method}, d={cfg.model.factors}, "
                 f"device {w.device}" + (f", world {w.world_size}" if w.world_size > 1 else ""))
         t_fit = time.perf_counter()
         res = fit(cfg, train, val, w, run_dir, resume=action == "resume", quiet=quiet, log=log,
                   extra_checkpoint={"idmap": idmap.to_state()})
         t_write = time.perf_counter()
         res.summary["ingest"] = ingest
+        res.summary["split"] = how_split
         if shared is not None:  # a collective: the ranks' shard seen sets joined on the main one
             from svdfill.distributed.ingest import gather_seen
 
@@ -148,3 +150,10 @@ def _read_shares(cfg: Config, world: World, data, quiet: bool, log: Callable[[st
             log(f"every rank reads all the ratings ({why})")
         return None
     return ingest.read_sharded(cfg.data, world, log=None if quiet else log)
+
+
+def _cutoff(cfg: Config) -> int | None:
+    """Unix seconds of ``data.split_time`` (the time split's global cut-off), or None."""
+    from svdfill.config import parse_split_time
+
+    return parse_split_time(cfg.data.split_time) if cfg.data.split_time != "" else None
