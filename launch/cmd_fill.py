@@ -15,6 +15,9 @@ svdfill.launch.torchrun_fill …``): N item shards, the same Parquet file. Top-k
 ``--out DIR/`` (a trailing ``/``, or an existing folder) writes a partitioned Parquet dataset
 instead (:func:`svdfill.fill.dataset.export_dataset`): ``part-NNNNN.parquet`` files and a
 ``_manifest.json`` written last; under torchrun every rank writes its own part.
+
+``--items-allow`` / ``--items-deny`` / ``--exclude`` filter the items
+(:mod:`svdfill.fill.filters`): applied to the model and seen sets before any fill path runs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
     parser.add_argument("--users", metavar="FILE", default=None,
                         help="only these users: a text file with one raw user id per line "
                              "('#' comments and blank lines skipped); output in file order")
+    parser.add_argument("--items-allow", metavar="FILE", default=None,
+                        help="only recommend these items: one raw item id per line ('#' comments)")
+    parser.add_argument("--items-deny", metavar="FILE", default=None,
+                        help="never recommend these items: one raw item id per line ('#' comments)")
+    parser.add_argument("--exclude", metavar="FILE", default=None,
+                        help="per-user exclusions: one 'user_id<TAB or comma>item_id' pair per line "
+                             "('#' comments), dropped like seen items")
+    parser.add_argument("--skip-unknown", action="store_true",
+                        help="skip ids the model does not know in --items-allow/--items-deny/--exclude "
+                             "(a count is printed) instead of stopping with an error")
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N (default: the run's fill.device, cuda if it is cpu "
                              "and a GPU is present)")
@@ -89,11 +102,14 @@ def read_user_list(path: str | os.PathLike, idmap: Any):
     return read_id_list(path, idmap, "user")
 
 
-def read_id_list(path: str | os.PathLike, idmap: Any, side: str):
+def read_id_list(path: str | os.PathLike, idmap: Any, side: str, *, skip_unknown: bool = False,
+                 hint: str = ""):
     """Contiguous ids (int64 numpy [n], file order, first occurrence kept) of the raw
     ``side`` ("user" or "item") ids listed in ``path``, one per line ('#' comments and blank
     lines skipped). Raises UserError, naming file and line, for unreadable files, ids of the
-    wrong type, unknown ids (listing a few) and empty lists."""
+    wrong type, unknown ids (listing a few) and empty lists. ``skip_unknown``: unknown ids
+    are dropped with a printed count instead (the result may then be empty); ``hint`` ends
+    the unknown-id error (an option that helps)."""
     import numpy as np
 
     from svdfill.launch.errors import UserError
@@ -122,15 +138,92 @@ def read_id_list(path: str | os.PathLike, idmap: Any, side: str):
     arr = np.asarray(raw, dtype=np.int64) if want_int else np.asarray(raw, dtype=object)
     idx = getattr(idmap, f"encode_{side}s")(arr)
     unknown = np.nonzero(idx < 0)[0]
-    if unknown.size:
+    if unknown.size and skip_unknown:
+        warn(f"{p}: {unknown.size} {side} id(s) not in the model skipped (--skip-unknown)")
+        idx = idx[idx >= 0]
+    elif unknown.size:
         shown = ", ".join(f"{raw[j]!r} (line {lines[j]})" for j in unknown[:5])
         more = f" and {unknown.size - 5} more" if unknown.size > 5 else ""
-        raise UserError(f"{p}: {unknown.size} {side} id(s) not in the model: {shown}{more}")
+        raise UserError(f"{p}:{lines[unknown[0]]}: {unknown.size} {side} id(s) not in the model: "
+                        f"{shown}{more}{hint}")
     _, first = np.unique(idx, return_index=True)
     if first.size < idx.size:
         warn(f"{p}: {idx.size - first.size} duplicate {side} id(s) ignored (first occurrence kept)")
         idx = idx[np.sort(first)]
     return idx.astype(np.int64)
+
+
+def read_pair_list(path: str | os.PathLike, idmap: Any, *, skip_unknown: bool = False):
+    """Per-user exclusions (``--exclude``): ``(users, items)``, contiguous ids int64 numpy
+    [n] each, of the raw ``user_id<TAB or comma>item_id`` pairs listed in ``path``, one per
+    line ('#' comments and blank lines skipped). Raises UserError naming file:line for an
+    unreadable file, a line that is not two fields, ids of the wrong type and unknown ids
+    (``skip_unknown``: such pairs dropped with a printed count instead)."""
+    import re
+
+    import numpy as np
+
+    from svdfill.launch.errors import UserError
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read the exclusion list: {e}") from None
+    cols: tuple[list, list] = ([], [])
+    lines = []
+    want_int = (idmap.user_dtype == "int64", idmap.item_dtype == "int64")
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        fields = [f.strip() for f in re.split(r"[\t,]", s)]
+        if len(fields) != 2 or not all(fields):
+            raise UserError(f"{p}:{n}: expected 'user_id<TAB or comma>item_id', got {s[:60]!r}")
+        for j, (side, f) in enumerate(zip(("user", "item"), fields)):
+            if want_int[j]:
+                try:
+                    f = int(f)
+                except ValueError:
+                    raise UserError(f"{p}:{n}: not an integer {side} id: {f[:60]!r} "
+                                    f"(the model's {side} ids are integers)") from None
+            cols[j].append(f)
+        lines.append(n)
+    if not lines:
+        raise UserError(f"{p}: no (user, item) pairs in the file")
+    idx = [idmap.encode_users(np.asarray(cols[0], dtype=np.int64 if want_int[0] else object)),
+           idmap.encode_items(np.asarray(cols[1], dtype=np.int64 if want_int[1] else object))]
+    bad = (idx[0] < 0) | (idx[1] < 0)
+    if bad.any() and not skip_unknown:
+        j = int(np.nonzero(bad)[0][0])
+        side = "user" if idx[0][j] < 0 else "item"
+        raise UserError(f"{p}:{lines[j]}: {side} id {cols[side == 'item'][j]!r} not in the model "
+                        f"({int(bad.sum())} pair(s) with unknown ids; --skip-unknown skips them)")
+    if bad.any():
+        warn(f"{p}: {int(bad.sum())} pair(s) with ids not in the model skipped (--skip-unknown)")
+    return idx[0][~bad].astype(np.int64), idx[1][~bad].astype(np.int64)
+
+
+def read_filters(args: argparse.Namespace, idmap: Any) -> tuple[dict, dict]:
+    """The filter options as :func:`svdfill.fill.filters.filter_fill_inputs` arguments
+    (``allow``, ``deny``, ``exclude``) and their provenance (file hashes, which key the
+    resume and are written to the Parquet metadata). Both empty without filters."""
+    # getattr: callers that build their own Namespace (`svdfill run`) have no filter options
+    allow, deny, exclude = (getattr(args, a, None) for a in ("items_allow", "items_deny", "exclude"))
+    skip = bool(getattr(args, "skip_unknown", False))
+    hint = "; --skip-unknown skips them"
+    kw: dict = {}
+    prov: dict = {}
+    if allow:
+        kw["allow"] = read_id_list(allow, idmap, "item", skip_unknown=skip, hint=hint)
+        prov["items_allow_sha256"] = file_sha256(allow)
+    if deny:
+        kw["deny"] = read_id_list(deny, idmap, "item", skip_unknown=skip, hint=hint)
+        prov["items_deny_sha256"] = file_sha256(deny)
+    if exclude:
+        kw["exclude"] = read_pair_list(exclude, idmap, skip_unknown=skip)
+        prov["exclude_sha256"] = file_sha256(exclude)
+    return kw, prov
 
 
 def resolve_device(name: str | None):
@@ -215,6 +308,22 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
                             f"({model.n_users} users × {n_items} items)")
         provenance["seen_sha256"] = file_sha256(run_dir / SEEN_FILE)
     users = read_user_list(args.users, model.idmap) if args.users else None
+    state, idmap = model.state, model.idmap
+    filters, filter_prov = read_filters(args, model.idmap)
+    if filters:
+        # applied outside the kernels (compacted item table, exclusions merged into the seen
+        # sets), so they hold for the tiles, the fused fill and every sharded path alike
+        from svdfill.fill.filters import filter_fill_inputs
+
+        try:
+            state, idmap, seen, allowed = filter_fill_inputs(state, idmap, seen, **filters)
+        except ValueError as e:
+            raise UserError(f"--items-allow/--items-deny: {e}") from None
+        provenance.update(filter_prov)
+        if allowed is not None and not args.full and k > allowed.numel():
+            warn(f"--k {k} is more than the {allowed.numel()} items the filters allow: "
+                 f"using k = {allowed.numel()}")
+            k = int(allowed.numel())
     device = resolve_device(args.device if args.device is not None else
                             (None if fcfg.device == "cpu" else fcfg.device))
     dtype = args.dtype or fcfg.dtype
@@ -230,16 +339,16 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
     if sharded is not None and args.full:
         raise UserError("--full is written by one process: run `svdfill fill --full` instead")
     if sharded is not None:
-        sharded.start(model.state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
+        sharded.start(state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
     if exchange is not None:
-        exchange.start(model.state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
+        exchange.start(state, seen, k=k, device=device, dtype=dtype, memory_budget=budget)
     common = dict(k=k, seen=seen, users=users, full=args.full, device=device, dtype=dtype,
                   memory_budget=budget, user_block=block, restart=args.restart, quiet=args.quiet,
                   provenance=provenance, sharded=sharded)
     if dataset:
-        summary = export_dataset(model.state, model.idmap, args.out, exchange=exchange, **common)
+        summary = export_dataset(state, idmap, args.out, exchange=exchange, **common)
     else:
-        summary = export_fill(model.state, model.idmap, out, **common)
+        summary = export_fill(state, idmap, out, **common)
     if not args.quiet:
         what = "every unseen pair" if args.full else f"top-{k}"
         if dataset:

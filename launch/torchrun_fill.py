@@ -34,13 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(model_path: str):
-    """``load(exclude_seen) -> (state, seen)`` of the model, for the ranks > 0."""
+def _load(args: argparse.Namespace):
+    """``load(exclude_seen) -> (state, seen)`` of the model, for the ranks > 0: with the
+    item filters of ``args`` applied as rank 0 applies them (compacted item table, exclusions
+    merged), so every rank shards the same table. Rank 0 validated the files already."""
     def load(exclude: bool):
         from svdfill.checkpoint import load_model, load_seen
+        from svdfill.launch import cmd_fill
 
-        model = load_model(model_path)
-        return model.state, (load_seen(model.path.parent)["all"] if exclude else None)
+        model = load_model(args.model)
+        filters, _ = cmd_fill.read_filters(args, model.idmap)
+        if not filters:
+            return model.state, (load_seen(model.path.parent)["all"] if exclude else None)
+        from svdfill.fill.filters import filter_fill_inputs
+
+        # `exclude` also says "exclusions given": the run's own seen sets follow the option
+        fcfg = model.config.fill
+        own = fcfg.exclude_seen if args.exclude_seen is None else args.exclude_seen
+        seen = load_seen(model.path.parent)["all"] if own else None
+        state, _, seen, _ = filter_fill_inputs(model.state, model.idmap, seen, **filters)
+        return state, seen
     return load
 
 
@@ -67,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             args.quiet = args.quiet or rank != 0
             return run_reporting_errors(lambda: cmd_fill.main(args, exchange=TorchrunExchange(world)))
         if rank != 0:
-            serve_torchrun(world, _load(args.model))
+            serve_torchrun(world, _load(args))
             return 0
         args.device = str(device)
         sharded = TorchrunFill(world)
