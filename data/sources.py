@@ -20,7 +20,6 @@ parts in the same order (the per-rank reading of a world relies on it).
 
 from __future__ import annotations
 
-import fnmatch
 import glob as globlib
 import os
 import re
