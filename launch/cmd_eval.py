@@ -88,6 +88,16 @@ def read_for_model(model, path: str, *, format: str | None = None, dedupe: str |
                         rating_col=rating_col or d.rating_col, scale=scale, dedupe=dedupe or d.dedupe)
 
 
+def read_with_options(model, args: argparse.Namespace):
+    """:func:`read_for_model` of ``args.ratings`` with the data options of
+    ``cmd_train.add_data_arguments`` (``--format``, ``--sep``, ``--user-col``, …)."""
+    from svdfill.launch.cmd_train import parse_scale, parse_sep
+
+    return read_for_model(model, args.ratings, format=args.format, dedupe=args.dedupe,
+                          sep=parse_sep(args.sep), user_col=args.user_col, item_col=args.item_col,
+                          rating_col=args.rating_col, scale=parse_scale(args.scale))
+
+
 def main(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -97,11 +107,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     model = load_model(args.model)
-    from svdfill.launch.cmd_train import parse_scale, parse_sep
-
-    raw = read_for_model(model, args.ratings, format=args.format, dedupe=args.dedupe,
-                         sep=parse_sep(args.sep), user_col=args.user_col, item_col=args.item_col,
-                         rating_col=args.rating_col, scale=parse_scale(args.scale))
+    raw = read_with_options(model, args)
     result = evaluate(model, raw, device=args.device)
     if args.topk is not None:  # ranking metrics (svdfill.kernels.ranking, owned by the fill)
         from svdfill.checkpoint import load_seen

@@ -39,15 +39,13 @@ def main(args: argparse.Namespace) -> int:
     import sys
 
     from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
-    from svdfill.launch.cmd_eval import read_for_model
-    from svdfill.launch.cmd_train import check_device, parse_scale, parse_sep
+    from svdfill.launch.cmd_eval import read_with_options
+    from svdfill.launch.cmd_train import check_device
     from svdfill.train.foldin import fold_in, write_foldin_run
 
     check_device(args.device)
     model = load_model(args.model)
-    raw = read_for_model(model, args.ratings, format=args.format, dedupe=args.dedupe,
-                         sep=parse_sep(args.sep), user_col=args.user_col, item_col=args.item_col,
-                         rating_col=args.rating_col, scale=parse_scale(args.scale))
+    raw = read_with_options(model, args)
     run_dir = model.path.parent
     seen = None
     if (run_dir / SEEN_FILE).exists():
