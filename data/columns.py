@@ -57,10 +57,8 @@ def _timestamps(col: pa.ChunkedArray, name: str, locate: Callable, path: str) ->
     none of these raises naming its line (row)."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     _no_nulls(pa.chunked_array([col]), "timestamp", name, locate)
+    col = _decoded(col)
     t = col.type
-    if pa.types.is_dictionary(t):
-        col = pc.cast(col, t.value_type)
-        t = col.type
     if pa.types.is_integer(t):
         return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
@@ -133,3 +131,9 @@ def _no_nulls(col: pa.ChunkedArray, role: str, name: str, locate) -> None:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         (loc, _, text), = locate([row])
         raise DataError(f"{loc}: missing (null) {role} in column {name!r}: {text}")
+
+
+def _decoded(col):
+    """``col`` with a dictionary encoding undone (Parquet writers often encode id columns)."""
+    t = col.type
+    return pc.cast(col, t.value_type) if pa.types.is_dictionary(t) else col

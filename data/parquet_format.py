@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from svdfill.data.columns import _no_nulls, _no_time_column, _pick_column, _timestamps
+from svdfill.data.columns import _decoded, _no_nulls, _no_time_column, _pick_column, _timestamps
 from svdfill.data.errors import DataError, where
 from svdfill.data.sources import Part
 
@@ -114,10 +114,8 @@ def _first_bad_number(col: pa.ChunkedArray) -> int | None:
 
 def _parquet_ids(col: pa.ChunkedArray, role: str, name: str, locate, path: str) -> np.ndarray:
     _no_nulls(col, role + " id", name, locate)
+    col = _decoded(col)
     t = col.type
-    if pa.types.is_dictionary(t):
-        col = pc.cast(col, t.value_type)
-        t = col.type
     if pa.types.is_integer(t):
         return np.asarray(pc.cast(col, pa.int64()).to_numpy(), dtype=np.int64)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
