@@ -257,8 +257,6 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
     the file are the same either way. A folder of parts instead of one file:
     :func:`svdfill.fill.dataset.export_dataset`.
     """
-    from tqdm import tqdm
-
     from svdfill.data.export import ResumableParquetWriter
 
     t0 = time.perf_counter()
@@ -275,22 +273,44 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
 
     writer = ResumableParquetWriter(out, plan.schema, plan.params, n_blocks, restart=restart)
     first = writer.first_block
-    bar = tqdm(total=n_blocks, initial=0, unit="block", desc="fill", disable=quiet or not sys.stderr.isatty(),
-               dynamic_ncols=True)
+    sample: dict = {}
+
+    def size_check() -> None:
+        # --full: measure the first block's bytes and extrapolate, before any write
+        sample[0] = compute(0)
+        check_dense_space(plan, sample[0], Path(out).resolve().parent)
+
+    path, rows_written = write_blocks(
+        writer, lambda b: sample.pop(b) if b in sample else compute(b), n_blocks, out,
+        desc="fill", quiet=quiet, before_open=size_check if full else None)
+    return {"path": str(path), "blocks": n_blocks, "resumed_at": first, "users": plan.n_sel,
+            "rows_computed": rows_written, "seconds": time.perf_counter() - t0, "user_block": plan.block}
+
+
+def write_blocks(writer, compute, n_blocks: int, out, *, desc: str, quiet: bool,
+                 before_open=None) -> tuple[Path, int]:
+    """Blocks ``writer.first_block .. n_blocks - 1`` of ``compute(b) -> pyarrow.Table`` into
+    the resumable ``writer`` (each written on a thread while the next is computed), with a
+    progress bar; returns (the finished file, rows written). ``before_open()`` runs first
+    (the dense fill's disk check). On failure nothing half-written is left in place and an
+    OSError becomes an ExportError saying which blocks are kept."""
+    from tqdm import tqdm
+
+    first = writer.first_block
+    bar = tqdm(total=n_blocks, initial=0, unit="block", desc=desc,
+               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
     sink = BlockSink(writer, on_written=_test_kill_hook, on_done=lambda: bar.update(1))
-    rows_written = 0
+    rows = 0
     try:
-        if full:
-            # size check before any work: measure the first block's bytes, extrapolate
-            sample = compute(0)
-            check_dense_space(plan, sample, Path(out).resolve().parent)
+        if before_open is not None:
+            before_open()
         writer.open(on_replayed=lambda b: bar.update(1))
         if first:
             bar.set_postfix_str(f"resumed at block {first}")
         for b in range(first, n_blocks):
-            table = sample if (full and b == 0) else compute(b)
+            table = compute(b)
             sink.put(b, table)
-            rows_written += table.num_rows
+            rows += table.num_rows
         sink.drain()
         path = writer.finish()
     except BaseException as e:
@@ -302,8 +322,7 @@ def export_fill(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, seen
     finally:
         sink.close()
         bar.close()
-    return {"path": str(path), "blocks": n_blocks, "resumed_at": first, "users": plan.n_sel,
-            "rows_computed": rows_written, "seconds": time.perf_counter() - t0, "user_block": plan.block}
+    return path, rows
 
 
 def _test_kill_hook(b: int, rank: int = 0) -> None:

@@ -22,7 +22,6 @@ are exact (norms that are powers of two) they equal a float64 brute force bit fo
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -124,10 +123,8 @@ def export_similar(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, m
     provenance: extra ``svdfill.*`` metadata (model hash, …) that also keys the resume.
     Returns a summary dict (path, items, blocks, resumed_at, rows, seconds).
     """
-    from tqdm import tqdm
-
     from svdfill.data.export import ResumableParquetWriter
-    from svdfill.fill.export import BlockSink, _test_kill_hook, plan_fill, write_failed
+    from svdfill.fill.export import plan_fill, write_blocks
 
     t0 = time.perf_counter()
     ns = neighbour_state(state, metric, device)
@@ -147,26 +144,6 @@ def export_similar(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, m
 
     writer = ResumableParquetWriter(out, plan.schema, params, plan.n_blocks, restart=restart)
     first = writer.first_block
-    bar = tqdm(total=plan.n_blocks, unit="block", desc="similar",
-               disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    sink = BlockSink(writer, on_written=_test_kill_hook, on_done=lambda: bar.update(1))
-    rows = 0
-    try:
-        writer.open(on_replayed=lambda b: bar.update(1))
-        for b in range(first, plan.n_blocks):
-            table = plan.compute(b)
-            sink.put(b, table)
-            rows += table.num_rows
-        sink.drain()
-        path = writer.finish()
-    except BaseException as e:
-        sink.cancel()
-        writer.abort()
-        if isinstance(e, OSError):
-            raise write_failed(writer, out, e, plan.n_blocks) from e
-        raise
-    finally:
-        sink.close()
-        bar.close()
+    path, rows = write_blocks(writer, plan.compute, plan.n_blocks, out, desc="similar", quiet=quiet)
     return {"path": str(path), "items": plan.n_sel, "blocks": plan.n_blocks, "resumed_at": first,
             "rows_computed": rows, "seconds": time.perf_counter() - t0, "item_block": plan.block}
