@@ -14,14 +14,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run directory of a trained model (runs/NAME)")
     parser.add_argument("--ratings", required=True, help="ratings file to score")
-    parser.add_argument("--format", default=None,
-                        help="ratings format (auto | ml-100k | ml-dat | csv | parquet); default: "
-                             "auto, with the model's column names and separator")
-    from svdfill.launch.cmd_train import add_data_arguments
-
-    add_data_arguments(parser, format=False)
-    parser.add_argument("--dedupe", default=None, choices=("error", "last", "mean"),
-                        help="duplicate (user, item) pairs in the file (default: the model's data.dedupe)")
+    add_model_data_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--quiet", action="store_true", help="print only the JSON result")
     parser.add_argument("--topk", type=int, default=None, metavar="K",
@@ -86,6 +79,19 @@ def read_for_model(model, path: str, *, format: str | None = None, dedupe: str |
     return read_ratings(path, format=format or "auto", sep=sep,
                         user_col=user_col or d.user_col, item_col=item_col or d.item_col,
                         rating_col=rating_col or d.rating_col, scale=scale, dedupe=dedupe or d.dedupe)
+
+
+def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`read_with_options` reads a file for a trained model with: its
+    format, the data options of ``svdfill train`` and ``--dedupe`` (defaults: the model's)."""
+    from svdfill.launch.cmd_train import add_data_arguments
+
+    parser.add_argument("--format", default=None,
+                        help="ratings format (auto | ml-100k | ml-dat | csv | parquet); default: "
+                             "auto, with the model's column names and separator")
+    add_data_arguments(parser, format=False)
+    parser.add_argument("--dedupe", default=None, choices=("error", "last", "mean"),
+                        help="duplicate (user, item) pairs in the file (default: the model's data.dedupe)")
 
 
 def read_with_options(model, args: argparse.Namespace):

@@ -20,14 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ratings of the users to fold in (new users are added, known ones refit)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR",
                         help="run directory to write (model.pt, seen.pt, config.toml, summary.json)")
-    parser.add_argument("--format", default=None,
-                        help="ratings format (auto | ml-100k | ml-dat | csv | parquet); default: "
-                             "auto, with the model's column names and separator")
-    from svdfill.launch.cmd_train import add_data_arguments
+    from svdfill.launch.cmd_eval import add_model_data_arguments
 
-    add_data_arguments(parser, format=False)
-    parser.add_argument("--dedupe", default=None, choices=("error", "last", "mean"),
-                        help="duplicate (user, item) pairs in the file (default: the model's data.dedupe)")
+    add_model_data_arguments(parser)
     parser.add_argument("--strict", action="store_true",
                         help="refuse ratings of items the model does not know (default: skip and count)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (where the solves run)")
