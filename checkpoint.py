@@ -168,14 +168,42 @@ def save_model(run_dir: str | os.PathLike, state: dict[str, torch.Tensor], idmap
     return atomic_torch_save(_run_dir(run_dir, must_exist=False) / MODEL_FILE, obj)
 
 
+def _is_remote(path: str | os.PathLike) -> bool:
+    from svdfill.data.sources import is_uri
+
+    s = os.fspath(path)
+    return is_uri(s) and not s.lower().startswith("file://")
+
+
+def _fetch_remote_run(uri: str) -> Path:
+    """The files of a run on an object store that the commands reading a model use (the
+    model, the seen sets, the config echo, the summary), copied to a local cache folder."""
+    from svdfill.data.errors import DataError
+    from svdfill.data.sources import fetch_run
+
+    try:
+        return fetch_run(uri, (MODEL_FILE, SEEN_FILE, CONFIG_FILE, SUMMARY_FILE), required=MODEL_FILE)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_model(run_dir: str | os.PathLike) -> LoadedModel:
-    """Read ``run_dir/model.pt`` (or a path to a ``model.pt`` file itself).
+    """Read ``run_dir/model.pt`` (or a path to a ``model.pt`` file itself). A URI
+    (``s3://bucket/runs/x``, ``gs://…``) is read through ``pyarrow.fs`` into a local cache
+    (``$SVDFILL_CACHE``), so every command that takes ``--model`` reads a run from a store.
 
     Raises :class:`CheckpointError` naming the path when the directory or file is missing,
     unreadable, or not a consistent svdfill model.
     """
+    if _is_remote(run_dir):  # s3://…/run or …/run/model.pt: the run's files, cached locally
+        run_dir = _fetch_remote_run(os.fspath(run_dir))
     p = Path(run_dir)
     path = p if p.is_file() else _run_dir(p, must_exist=True) / MODEL_FILE
+    if not path.exists() and (p / "grid_model" / "layout.json").is_file():
+        raise CheckpointError(
+            f"{p}: a grid-layout run ([dist] layout = 'grid'): its model is split into per-rank "
+            "blocks in grid_model/, with no model.pt; this command reads model.pt only (the grid "
+            "model is read block by block by svdfill.distributed.grid_checkpoint)")
     obj = _load(path, "svdfill model")
     if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not an svdfill model (format "

@@ -206,6 +206,8 @@ class DistConfig:
     """Ray Train FailureConfig.max_failures: worker restarts from the last checkpoint."""
     threads_per_worker: int = 0
     """Torch intra-op threads of each Ray Train worker; 0 = the node's cores shared among its workers (Ray alone would give each 1)."""
+    layout: str = "items"
+    """items (each rank owns an item shard, every rank the whole user table) | grid (each rank owns one block of users and one of items, and only their ratings; solvers als, gibbs and sgd with optimizer sgd (DSGD); no refit)."""
 
 
 @dataclass
@@ -417,6 +419,7 @@ _CHOICES = {
     ("train", "kernel"): {"torch", "fused"},
     ("fill", "dtype"): {"float32", "tf32", "bfloat16"},
     ("dist", "backend"): {"auto", "gloo", "nccl"},
+    ("dist", "layout"): {"items", "grid"},
 }
 
 
@@ -469,6 +472,9 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.kernel = 'fused' has kernels for solver 'sgd' with "
                           f"optimizer 'sgd', 'sparse_adam' or 'adagrad', not {what}; use "
                           "kernel = 'torch'")
+    if cfg.dist.layout == "grid" and t.refit:
+        raise ConfigError(f"{where}: dist.layout = 'grid' does not refit yet; set train.refit = "
+                          "false or use layout 'items'")
     if t.kernel == "fused" and t.optimizer == "adagrad" and t.weight_decay > 0:
         # torch's Adagrad decays every row every step; the fused step moves touched rows only
         raise ConfigError(f"{where}: train.kernel = 'fused' with optimizer 'adagrad' needs "

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest U × I float32 score matrix the dense row may allocate")
     parser.add_argument("--no-export", action="store_true", help="skip the Parquet export row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-users", type=int, default=0,
+                        help="also print the CPU fill's per-phase profile on this many users "
+                             "(the selection timed both ways: numpy threshold and torch tile_topk)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,6 +222,77 @@ def time_implicit(state: dict, seen, k: int):
         return time.perf_counter() - t, time.process_time() - c, ids
 
 
+def profile_fill(state: dict, seen, k: int, n_users: int) -> list[tuple[str, float, float]]:
+    """Per-phase (name, wall s, CPU s) of the CPU fill's block loop on the first ``n_users``
+    users, on one thread — as each of ``kernels.fill``'s per-thread workers runs a block
+    (default block size) — plus the torch mask and selection (``tile_topk``) the numpy ones
+    replaced, timed on the same tiles. Sum over threads: divide by the thread count for wall."""
+    import torch
+
+    from svdfill.kernels import fill as F
+
+    P, Q = state["user_factors"][:n_users].cpu(), state["item_factors"].cpu()
+    bu, bi, mu = state["user_bias"][:n_users].cpu(), state["item_bias"].cpu(), float(state["global_mean"])
+    U, I = P.shape[0], Q.shape[0]
+    block, _ = F.tile_sizes(U, I, k, F.DEFAULT_CPU_BUDGET)
+    block = min(block, max(2, F.CPU_BLOCK_CELLS // I))
+    indptr, indices = seen[0].cpu(), seen[1].cpu()
+    indptr_np, indices_np = indptr.numpy(), indices.numpy()
+    qa_t = F._augment(Q, bi, "float32").t()
+    buf = torch.empty(block * I)
+    ones = torch.ones(block)
+    totals: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        acc = totals.setdefault(name, [0.0, 0.0])
+        acc[0] += time.perf_counter() - t
+        acc[1] += time.process_time() - c
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _profile_blocks(P, bu, mu, U, I, k, block, indptr, indices, indptr_np, indices_np, qa_t, buf, ones, timed)
+    finally:
+        torch.set_num_threads(threads)
+    return [(name, w, c) for name, (w, c) in totals.items()]
+
+
+def _profile_blocks(P, bu, mu, U, I, k, block, indptr, indices, indptr_np, indices_np, qa_t, buf, ones, timed):
+    import numpy as np
+    import torch
+
+    from svdfill.kernels import fill as F
+    from svdfill.kernels.topk import tile_topk
+
+    pool = None
+    with torch.no_grad():
+        for u0 in range(0, U, block):
+            u1 = min(u0 + block, U)
+            s = timed("GEMM [P_B, 1]·[Q, b]ᵀ", lambda: F._scores(F._augment(P[u0:u1], ones[: u1 - u0], "float32"),
+                                                               qa_t, buf))
+            timed("μ + b_u add", lambda: s.add_((bu[u0:u1] + mu).unsqueeze(1)))
+
+            def mask():  # as kernels.fill does it on CPU (numpy repeat + fancy assignment)
+                a, b = int(indptr[u0]), int(indptr[u1])
+                flat = np.repeat(np.arange(u1 - u0, dtype=np.int64) * I, np.diff(indptr_np[u0 : u1 + 1]))
+                flat += indices_np[a:b]
+                s.numpy().reshape(-1)[flat] = -np.inf
+
+            def mask_before():  # the torch version it replaced
+                a, b = int(indptr[u0]), int(indptr[u1])
+                counts = indptr[u0 + 1 : u1 + 1] - indptr[u0:u1]
+                flat = torch.repeat_interleave(torch.arange(u1 - u0).mul_(I), counts, output_size=b - a)
+                s.view(-1).index_fill_(0, flat.add_(indices[a:b]), float("-inf"))
+
+            timed("seen mask, numpy (now)", mask)
+            timed("seen mask, torch index_fill (before)", mask_before)
+            timed("top-k select, numpy threshold (now)", lambda: F.select_topk(s, k, pool))
+            timed("top-k select, torch tile_topk (before)", lambda: tile_topk(s, k))
+
+
 # ------------------------------------------------------------------------------------------
 # table
 # ------------------------------------------------------------------------------------------
@@ -292,6 +366,15 @@ def run_shape(name: str, device, args) -> list[tuple]:
 
     if "spark" in args.peer:
         rows.append(_spark_row(name, state, k, pairs))
+
+    if args.profile_users and device.type == "cpu":
+        n = min(args.profile_users, U)
+        prof = profile_fill(state, seen, k, n)
+        scale = U / n
+        print(f"\n| {name} CPU fill phase, one thread (first {n:,} users, scaled ×{scale:.1f} to all) "
+              f"| wall | CPU |\n|---|---:|---:|")
+        for label, w, c in prof:
+            print(f"| {label} | {_fmt_s(w * scale)} | {_fmt_s(c * scale)} |")
 
     print(f"\n| {name} | wall time | pairs/s | × DataLoader | CPU time | notes |\n|---|---:|---:|---:|---:|---|")
     for label, sec, rate, cpu, note in rows:

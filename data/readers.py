@@ -351,6 +351,44 @@ def count_distinct_pairs(uc: np.ndarray, ic: np.ndarray, n_users: int, n_items: 
     return total
 
 
+def resolve_duplicates(key: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray | None,
+                       policy: str, *, order: np.ndarray | None = None):
+    """``data.dedupe = "last" | "mean"`` on rows in file order: ``key`` int64 [n] (one value
+    per (user, item) pair), ``ratings`` float32 [n], ``timestamps`` int64 [n] or None.
+
+    Returns ``(keep, ratings, timestamps)``: ``keep`` int64 [m], the surviving rows' indices
+    in ascending order (last: each pair's last row; mean: its first row, which carries the
+    float64 mean of the pair's ratings and its latest time). ``order``: a stable argsort of
+    ``key`` when the caller has one. A pure function of the rows, so a rank holding every
+    row of some users gets exactly the rows one process keeps for them."""
+    if order is None:
+        order = np.argsort(key, kind="stable")
+    skey = key[order]
+    start = np.ones(skey.size, dtype=bool)
+    start[1:] = skey[1:] != skey[:-1]
+    group = np.cumsum(start) - 1  # group id of each sorted row
+    n_groups = int(group[-1]) + 1 if group.size else 0
+    if policy == "last":
+        end = np.ones(skey.size, dtype=bool)
+        end[:-1] = start[1:]
+        keep = np.sort(order[end])
+        return keep, ratings[keep], (timestamps[keep] if timestamps is not None else None)
+    if policy != "mean":
+        raise ValueError(f"dedupe policy {policy!r}: expected 'last' or 'mean'")
+    # mean, in float64, kept at the first occurrence's position
+    sums = np.bincount(group, weights=ratings[order].astype(np.float64), minlength=n_groups)
+    counts = np.bincount(group, minlength=n_groups)
+    firsts = order[start]
+    pos = np.argsort(firsts, kind="stable")
+    keep = firsts[pos]
+    ts = None
+    if timestamps is not None:  # the pair's latest time: when its mean was complete
+        latest = np.full(n_groups, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(latest, group, timestamps[order])
+        ts = latest[pos]
+    return keep, (sums / counts)[pos].astype(np.float32), ts
+
+
 def _dedupe(path: str, raw: RawRatings, policy: str, locate: Callable) -> RawRatings:
     uu, uc, iu, ic = raw.codes()
     if count_distinct_pairs(uc, ic, len(uu), len(iu)) == len(raw):
@@ -371,28 +409,7 @@ def _dedupe(path: str, raw: RawRatings, policy: str, locate: Callable) -> RawRat
             f"{loc_j}: duplicate (user, item) pair ({_plain(u)}, {_plain(i)}): {text_j} repeats "
             f"{label_i} {text_i} ({n_dup} duplicate row{'s' if n_dup > 1 else ''} in all); "
             "set data.dedupe (--dedupe) to 'last' or 'mean' to accept them")
-    start = np.ones(skey.size, dtype=bool)
-    start[1:] = ~dup
-    group = np.cumsum(start) - 1  # group id of each sorted row
-    n_groups = int(group[-1]) + 1
-    if policy == "last":
-        end = np.ones(skey.size, dtype=bool)
-        end[:-1] = start[1:]
-        keep = np.sort(order[end])
-        ratings = raw.ratings[keep]
-        ts = raw.timestamps[keep] if raw.timestamps is not None else None
-    else:  # mean, in float64, kept at the first occurrence's position
-        sums = np.bincount(group, weights=raw.ratings[order].astype(np.float64), minlength=n_groups)
-        counts = np.bincount(group, minlength=n_groups)
-        firsts = order[start]
-        pos = np.argsort(firsts, kind="stable")
-        keep = firsts[pos]
-        ratings = (sums / counts)[pos].astype(np.float32)
-        ts = None
-        if raw.timestamps is not None:  # the pair's latest time: when its mean was complete
-            latest = np.full(n_groups, np.iinfo(np.int64).min, dtype=np.int64)
-            np.maximum.at(latest, group, raw.timestamps[order])
-            ts = latest[pos]
+    keep, ratings, ts = resolve_duplicates(key, raw.ratings, raw.timestamps, policy, order=order)
     out = RawRatings(raw.users[keep], raw.items[keep], ratings, raw.source, timestamps=ts)
     out._codes = (uu, uc[keep], iu, ic[keep])
     return out

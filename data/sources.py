@@ -43,9 +43,79 @@ def is_uri(path: str | os.PathLike) -> bool:
     return bool(_URI.match(str(path)))
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     # the query may carry secrets (access keys, session tokens): never show it
     return uri.split("?", 1)[0]
+
+
+def open_filesystem(uri: str):
+    """``(filesystem, path on it)`` of a URI to write to: ``pyarrow.fs.FileSystem.from_uri``,
+    except for an ``s3://`` URI without query options while this process's environment holds
+    AWS keys: then an ``S3FileSystem`` with those keys (and ``AWS_ENDPOINT_URL[_S3]``, the
+    region) set explicitly. A filesystem built from the environment is pickled without its
+    credentials, so processes it is handed to (Ray's controller and workers, started by the
+    cluster with environments of their own) would write anonymously. Raises what
+    ``from_uri`` raises (ValueError, OSError)."""
+    import pyarrow.fs as pafs
+
+    env = os.environ
+    if not uri.lower().startswith("s3://") or "?" in uri or not env.get("AWS_ACCESS_KEY_ID"):
+        return pafs.FileSystem.from_uri(uri)
+    kw = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env.get("AWS_SECRET_ACCESS_KEY", ""),
+          "session_token": env.get("AWS_SESSION_TOKEN")}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        kw["region"] = region
+    return pafs.S3FileSystem(**kw), uri.split("://", 1)[1]
+
+
+def fetch_run(uri: str, names: Sequence[str], *, required: str) -> Path:
+    """A run directory (or its ``model.pt``) on an object store, as a local folder: the
+    files ``names`` that exist under ``uri`` are copied into
+    ``$SVDFILL_CACHE`` (default ``~/.cache/svdfill``) ``/runs/sha256(URI)[:16]/`` — again only
+    when their size or modification time changed — and the folder is returned. ``required``:
+    the one name that must exist (else a :class:`DataError` naming the URI). Anything the
+    store refuses is a DataError naming the URI without its query."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    shown = redact_uri(uri)
+    try:
+        fs, path = open_filesystem(uri)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{shown}: cannot open this location: {e}") from None
+    path = path.rstrip("/")
+    if path.endswith("/" + required):
+        path = path[: -len(required) - 1]
+        shown = shown.rstrip("/")[: -len(required) - 1]
+    root = Path(os.environ.get("SVDFILL_CACHE") or Path.home() / ".cache" / "svdfill")
+    local = root / "runs" / hashlib.sha256(shown.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        infos = {i.base_name: i for i in fs.get_file_info([f"{path}/{n}" for n in names])
+                 if i.type == pafs.FileType.File}
+        if required not in infos:
+            raise DataError(f"{shown.rstrip('/')}/{required}: not found")
+        for name, info in infos.items():
+            dest = local / name
+            stamp = local / f".{name}.stamp"
+            key = f"{info.size} {info.mtime_ns}"
+            if dest.is_file() and stamp.is_file() and stamp.read_text() == key:
+                continue
+            tmp = local / f".{name}.tmp"
+            with fs.open_input_stream(info.path) as src, open(tmp, "wb") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+            stamp.write_text(key)
+    except OSError as e:
+        raise DataError(f"{shown}: reading the run failed: {e}") from None
+    return local
 
 
 @dataclass(frozen=True)
@@ -148,11 +218,11 @@ def _filesystem(source: str):
         try:
             fs, path = pafs.FileSystem.from_uri(source)
         except (ValueError, OSError) as e:  # unknown scheme, no bucket, bad endpoint …
-            raise DataError(f"{_redact(source)}: cannot open this location: {e}") from None
+            raise DataError(f"{redact_uri(source)}: cannot open this location: {e}") from None
         scheme = source.split("://", 1)[0].lower()
         if scheme == "file":
             return fs, path, lambda p: p
-        bare = _redact(source)
+        bare = redact_uri(source)
         # messages show the URI as written, so the user recognizes it
         root = bare[: len(bare) - len(bare.split("://", 1)[1])]
         return fs, path, lambda p, root=root: root + p.lstrip("/")
@@ -168,7 +238,7 @@ def resolve(source: str | os.PathLike) -> list[Part]:
     import pyarrow.fs as pafs
 
     text = str(source)
-    shown = _redact(text)
+    shown = redact_uri(text)
     fs, path, display = _filesystem(text)
     local = isinstance(fs, pafs.LocalFileSystem)
     try:

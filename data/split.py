@@ -147,6 +147,56 @@ def _latest_mask(users: np.ndarray, ts: np.ndarray, n_users: int, fraction: floa
     return is_val
 
 
+# -- the same masks where each rank holds every rating of some users -------------------------
+
+def _draws_at(rng: np.random.Generator, n: int, positions: np.ndarray,
+              chunk: int = 1 << 22) -> np.ndarray:
+    """``rng.random(n)[positions]`` without the n-vector: the stream is drawn in chunks (the
+    same float64 sequence) and only ``positions`` (int64, ascending) are kept."""
+    out = np.empty(positions.size, dtype=np.float64)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        vals = rng.random(hi - lo)
+        a, b = np.searchsorted(positions, [lo, hi])
+        out[a:b] = vals[positions[a:b] - lo]
+    return out
+
+
+def user_split_mask(how: str, users: np.ndarray, positions: np.ndarray, n: int, n_users: int, *,
+                    fraction: float, seed: int, timestamps: np.ndarray | None = None,
+                    cutoff: int | None = None) -> np.ndarray:
+    """:func:`split_indices`' hold-out mask (bool [m]) for ``m`` of the ``n`` ratings, given
+    as ``users`` int64 [m] and their ``positions`` in the whole dataset (int64 [m],
+    ascending), where every rating of each user present is among them (a rank that received
+    whole users). Equal to the one-process mask at those positions for every ``how``;
+    memory O(m + n_users), not O(n)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size > 1 and np.any(positions[1:] <= positions[:-1]):
+        raise ValueError("positions must be strictly ascending")
+    if how == "random":
+        return random_val_mask(n, fraction, seed)[positions]
+    if how == "time" and cutoff is not None:
+        return np.asarray(timestamps, dtype=np.int64) >= int(cutoff)
+    if how not in ("per_user", "time"):
+        raise ValueError(f"unknown split {how!r}; expected one of {', '.join(HOW)}")
+    rng = _rng(seed)
+    m = users.shape[0]
+    counts = np.bincount(users, minlength=n_users)
+    want = np.floor(fraction * counts + rng.random(n_users)).astype(np.int64)
+    want = np.minimum(want, np.maximum(counts - 1, 0))
+    if how == "per_user":
+        keys = _draws_at(rng, n, positions)  # the one-process order's random key of each rating
+        order = np.lexsort((keys, users))  # ties keep position order, as one process does
+    else:
+        order = np.lexsort((positions, np.asarray(timestamps, dtype=np.int64), users))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(m, dtype=np.int64) - np.repeat(starts, counts)
+    su = users[order]
+    is_val = np.zeros(m, dtype=bool)
+    is_val[order] = rank < want[su] if how == "per_user" else rank >= counts[su] - want[su]
+    return is_val
+
+
 def split(ratings: Ratings, *, how: str = "random", fraction: float = 0.1,
           seed: int = 0, cutoff: int | None = None) -> tuple[Ratings, Ratings]:
     """(train, val) :class:`Ratings` subsets (rows in file order, full id-space sizes,

@@ -21,9 +21,16 @@ Duplicate pairs are checked where they meet: all ratings of an item end on one r
 rating, a malformed line or a duplicate raises the same error on every rank (the one that
 one process would raise first), so no rank waits forever on a collective.
 
-Left to the old path (every rank reads everything): ``data.split = "per_user"`` or ``"time"``, and
-``data.dedupe = "last" | "mean"`` (both need a user's or a pair's ratings in one place before
-the split), and the synthetic preset (generated, not read).
+``data.split = "per_user"`` or ``"time"`` and ``data.dedupe = "last" | "mean"`` need a user's
+(or a pair's) ratings in one place before the split: then a first all-to-all sends every
+rating, with its position and time, to the rank of its user (:func:`_user_pass`), which
+resolves duplicates as one process does (:func:`svdfill.data.readers.resolve_duplicates`;
+the dropped rows' positions, few, are all-gathered so every survivor learns its position in
+the deduplicated dataset) and draws the split at those positions
+(:func:`svdfill.data.split.user_split_mask`: the one-process masks, O(local) memory); the
+second all-to-all then goes to the item shards as above, each rank's ratings put back in
+dataset order. Only the synthetic preset (generated, not read) is left to the old path
+(every rank generates everything).
 """
 
 from __future__ import annotations
@@ -65,14 +72,12 @@ def supported(data_cfg: Any) -> str | None:
     """None when :func:`read_sharded` can read ``data_cfg``; else why the old path runs."""
     if not data_cfg.path:
         return "synthetic data is generated, not read"
-    if data_cfg.split == "time":
-        # each user's latest ratings (or a cut-off) need the timestamps, which shares do not carry
-        return "data.split = 'time' needs each user's ratings and their timestamps in one place"
-    if data_cfg.split != "random":
-        return f"data.split = {data_cfg.split!r} needs each user's ratings in one place"
-    if data_cfg.dedupe != "error":
-        return f"data.dedupe = {data_cfg.dedupe!r} needs each pair's ratings in one place"
     return None
+
+
+def needs_user_pass(data_cfg: Any) -> bool:
+    """The split or the duplicate policy needs all of a user's ratings in one place."""
+    return data_cfg.split != "random" or data_cfg.dedupe != "error"
 
 
 # -- collectives ------------------------------------------------------------------------------
@@ -157,7 +162,8 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
         source = parts[0].display if len(parts) == 1 else path.split("?", 1)[0]
         raw, locate = read_parts(mine, source=source, format=data_cfg.format, sep=data_cfg.sep,
                                  user_col=data_cfg.user_col, item_col=data_cfg.item_col,
-                                 rating_col=data_cfg.rating_col, scale=scale)
+                                 rating_col=data_cfg.rating_col, scale=scale,
+                                 timestamps=data_cfg.split == "time", time_col=data_cfg.time_col)
         return parts, mine, source, raw, locate
 
     parts, mine, source, raw, locate = _agreed(world, read)
@@ -172,14 +178,22 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
     uc = idmap.encode_users(_as_kind(raw.users, users))
     ic = idmap.encode_items(_as_kind(raw.items, items))
     ratings = torch.from_numpy(np.ascontiguousarray(raw.ratings, dtype=np.float32))
+    ts = None if raw.timestamps is None else torch.from_numpy(np.asarray(raw.timestamps, dtype=np.int64))
     del raw
-
-    # every rank draws the whole split (a function of n and the seed) and keeps its rows
-    is_val = torch.from_numpy(random_val_mask(n, data_cfg.val_fraction, data_cfg.split_seed)
-                              [offset:offset + len(ratings)].copy())
     u32 = torch.from_numpy(uc.astype(np.int32))
     i32 = torch.from_numpy(ic.astype(np.int32))
     del uc, ic
+    rows = torch.arange(offset, offset + len(ratings), dtype=torch.int64)
+    order = None
+    if needs_user_pass(data_cfg):
+        # every rating to its user's rank: duplicates resolved and the split drawn there
+        u32, i32, ratings, rows, order, is_val, n = _user_pass(world, data_cfg, idmap, u32, i32,
+                                                               ratings, rows, ts, n)
+    else:
+        # every rank draws the whole split (a function of n and the seed) and keeps its rows
+        is_val = torch.from_numpy(random_val_mask(n, data_cfg.val_fraction, data_cfg.split_seed)
+                                  [offset:offset + len(ratings)].copy())
+    del ts
 
     # the trainer's cut: balanced by the training ratings per item, as before
     train_counts = torch.bincount(i32[~is_val].long(), minlength=idmap.n_items).to(torch.float64)
@@ -187,14 +201,20 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
     shards = balanced_shards(train_counts.long(), W)
     bounds = torch.tensor([b for _, b in shards[:-1]], dtype=torch.int32)
     dest = torch.bucketize(i32, bounds, right=True).long()
-    rows = torch.arange(offset, offset + len(ratings), dtype=torch.int64)
     # positions travel along (8 bytes a rating) so a duplicate can be named by file and line
-    got_u, got_i, got_r, got_v, got_rows = _exchange(
-        world, [u32, i32, ratings, is_val.to(torch.uint8), rows], dest)
+    # (after a user pass: the position in the deduplicated dataset, to restore its order)
+    cols = [u32, i32, ratings, is_val.to(torch.uint8), rows] + ([order] if order is not None else [])
+    got = _exchange(world, cols, dest)
+    del u32, i32, ratings, is_val, dest, rows, cols, order
+    got_u, got_i, got_r, got_v, got_rows = got[:5]
     got_v = got_v.bool()
-    del u32, i32, ratings, is_val, dest, rows
+    if len(got) == 6:  # back in dataset order: the tensors one process would shard
+        back = torch.argsort(got[5])
+        got_u, got_i, got_r, got_v, got_rows = (t[back] for t in (got_u, got_i, got_r, got_v, got_rows))
+    del got
 
-    _check_duplicates(world, got_u, got_i, got_rows, idmap, locate, source, (offset, counts[rank]))
+    if data_cfg.dedupe == "error":
+        _check_duplicates(world, got_u, got_i, got_rows, idmap, locate, source, (offset, counts[rank]))
     del got_rows
     train = Ratings(got_u[~got_v], got_i[~got_v], got_r[~got_v], idmap.n_users, idmap.n_items)
     val = Ratings(got_u[got_v], got_i[got_v], got_r[got_v], idmap.n_users, idmap.n_items)
@@ -204,6 +224,49 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
         log(f"rank {rank}: read {len(names)} of {len(parts)} parts ({counts[rank]:,} of "
             f"{n:,} ratings), trains {len(train) + len(val):,} of items {shards[rank]}")
     return ShardedData(train, val, idmap, shards, n, names, sum(p.bytes_to_read for p in mine))
+
+
+def _user_pass(world, data_cfg: Any, idmap: IdMap, users: torch.Tensor, items: torch.Tensor,
+               ratings: torch.Tensor, rows: torch.Tensor, ts: torch.Tensor | None, n: int):
+    """Route every rating to rank ``user % W``, resolve duplicates there (``data.dedupe``
+    last/mean) and draw the hold-out (:func:`svdfill.data.split.user_split_mask`).
+
+    In: this rank's read rows (users/items int32 [m], ratings float32 [m], rows int64 [m] =
+    dataset positions, ts int64 [m] or None). Out: the rows now held (users, items, ratings,
+    ``rows`` = original positions (for error messages), ``order`` = positions in the
+    deduplicated dataset, ``is_val`` bool), and that dataset's size."""
+    from svdfill.config import parse_split_time
+    from svdfill.data.readers import resolve_duplicates
+    from svdfill.data.split import user_split_mask
+
+    W = world.world_size
+    cols = [users, items, ratings, rows] + ([ts] if ts is not None else [])
+    got = _exchange(world, cols, users.long() % W)
+    users, items, ratings, rows = got[:4]
+    ts = got[4] if ts is not None else None
+    del got, cols
+    if data_cfg.dedupe != "error":
+        # rows arrive in dataset order (senders in rank order, each in its order): the same
+        # rows one process keeps, and the dropped ones' positions shift the survivors'
+        key = users.long().numpy() * max(idmap.n_items, 1) + items.long().numpy()
+        keep, r, t = resolve_duplicates(key, ratings.numpy(), None if ts is None else ts.numpy(),
+                                        data_cfg.dedupe)
+        dropped = np.setdiff1d(rows.numpy(), rows.numpy()[keep], assume_unique=True)
+        keep_t = torch.from_numpy(keep)
+        users, items, rows = users[keep_t], items[keep_t], rows[keep_t]
+        ratings = torch.from_numpy(np.ascontiguousarray(r))
+        ts = None if t is None else torch.from_numpy(np.ascontiguousarray(t))
+        all_dropped = np.sort(np.concatenate(_all_gather(world, dropped)))
+        order = rows - torch.from_numpy(np.searchsorted(all_dropped, rows.numpy()).astype(np.int64))
+        n -= int(all_dropped.size)
+    else:
+        order = rows
+    cutoff = (parse_split_time(data_cfg.split_time)
+              if data_cfg.split == "time" and data_cfg.split_time != "" else None)
+    is_val = user_split_mask(data_cfg.split, users.long().numpy(), order.numpy(), n, idmap.n_users,
+                             fraction=data_cfg.val_fraction, seed=data_cfg.split_seed,
+                             timestamps=None if ts is None else ts.numpy(), cutoff=cutoff)
+    return users, items, ratings, rows, order, torch.from_numpy(is_val), n
 
 
 def _check_duplicates(world, users: torch.Tensor, items: torch.Tensor, rows: torch.Tensor,

@@ -4,7 +4,9 @@ Actor ``r`` (:class:`ShardActor`) builds a :class:`svdfill.fill.shard.ItemShard`
 GPU when it has one) from arrays it receives through the object store — sent once
 (``ray.put``) by :func:`start_actors`, not once per block — and answers per-block top-k
 requests with numpy arrays. :class:`svdfill.distributed.sharded_fill.RayFill` drives the
-actors block by block and merges their lists.
+actors block by block and merges their lists into one file — or, for a partitioned export
+(``--out DIR/``), has every actor write its own part (:meth:`ShardActor.write_part`) while the
+driver only checks the folder and writes the manifest last.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ShardActor:
         self.device = device
         self.shard = ItemShard(state, shard, k=k, seen=seen, device=device,
                                dtype=device_dtype(dtype, device), memory_budget=memory_budget)
+        self.state, self.seen, self.k = state, seen, k  # for write_part's plan (views, no copies)
 
     def where(self) -> dict:
         """Node, process and device of this actor (for logs and the multi-node test)."""
@@ -55,6 +58,54 @@ class ShardActor:
         global item ids int64 [B, k]."""
         s, i = self.shard.topk(users)
         return s.cpu().numpy(), i.cpu().numpy()
+
+
+    def write_part(self, part: int, parts: int, out: str, idmap, plan_kwargs: dict,
+                   peers: list, depth: int = 2) -> dict:
+        """Write part ``part`` of ``parts`` of the dataset folder ``out`` (on storage this
+        actor's node sees): the blocks :func:`svdfill.fill.dataset.export_dataset` gives that
+        rank, each merged from this actor's shard and the lists of ``peers`` (every actor's
+        handle, this one's at index ``part``: the actor runs with ``max_concurrency`` 2, so it
+        serves the others' requests while it writes). ``plan_kwargs``: :func:`plan_fill`'s
+        (users, dtype, memory_budget, user_block, provenance), as the driver planned it.
+        Returns the manifest entry of the part (:func:`svdfill.fill.part_writer.write_part`)."""
+        import warnings
+
+        import ray
+
+        from svdfill.fill.export import plan_fill
+        from svdfill.fill.part_writer import write_part
+        from svdfill.kernels.fill import merge_topk
+
+        with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            state = {key: torch.as_tensor(v) for key, v in self.state.items()}
+            seen = None if self.seen is None else tuple(torch.as_tensor(x) for x in self.seen)
+        plan = plan_fill(state, idmap, k=self.k, seen=seen, device="cpu", **plan_kwargs)
+        others = [a for j, a in enumerate(peers) if j != part]
+        pending: dict[int, list] = {}
+
+        def request(b: int) -> None:
+            if b not in pending:
+                rows = np.asarray(plan.rows_of(b).numpy(), dtype=np.int64)
+                pending[b] = [a.topk.remote(rows) for a in others]
+
+        def table_of(b: int):
+            request(b)
+            for stale in [x for x in pending if x < b]:
+                del pending[stale]
+            for nxt in range(b + 1, b + depth):
+                if nxt < plan.n_blocks:
+                    request(nxt)
+            rows = plan.rows_of(b)
+            s, i = self.shard.topk(rows)
+            lists = [(s.cpu(), i.cpu())] + [(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))
+                                            for x, y in ray.get(pending.pop(b))]
+            return plan.table(rows, *merge_topk(lists, self.k))
+
+        info = write_part(plan, out, part, parts, table_of)
+        info["writer"] = f"ray actor pid {self.where()['pid']} on {self.where()['ip']}"
+        return info
 
 
 def start_actors(state: dict[str, torch.Tensor], seen: tuple[torch.Tensor, torch.Tensor] | None,
@@ -77,7 +128,8 @@ def start_actors(state: dict[str, torch.Tensor], seen: tuple[torch.Tensor, torch
     q_ref, bi_ref = ray.put(to_np(state["item_factors"])), ray.put(to_np(state["item_bias"]))
     p_ref, bu_ref = ray.put(to_np(state["user_factors"])), ray.put(to_np(state["user_bias"]))
     seen_ref = None if seen is None else ray.put((to_np(seen[0]).astype(np.int64), to_np(seen[1])))
-    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0}
+    # 2 threads: an actor writing its own part still answers the other writers' requests
+    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "max_concurrency": 2}
     if spread:
         opts["scheduling_strategy"] = "SPREAD"
     Remote = ray.remote(ShardActor)

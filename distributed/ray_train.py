@@ -6,7 +6,9 @@ the worker function runs; :func:`ray_train_world` only reads it. Every epoch eac
 ``ray.train.report``; the main rank attaches the resumable ``checkpoint.pt`` the trainer
 just wrote as a :class:`ray.train.Checkpoint`, which Ray copies to ``RunConfig.storage_path``.
 After a worker dies, Ray restarts the whole group and :func:`restore_checkpoint` hands the
-latest reported checkpoint back to the trainer.
+latest reported checkpoint back to the trainer. A grid-layout run (``[dist] layout =
+"grid"``) reports and restores its ``grid_checkpoint/`` folder (per-rank blocks +
+``layout.json``) instead of ``checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class RayTrainWorld(DistWorld):
         if checkpoint_dir is None or not self.is_main:
             ray.train.report(clean, checkpoint=None)
             return
+        if (Path(checkpoint_dir) / GRID_LAYOUT_FILE).exists():
+            _report_grid(clean, Path(checkpoint_dir))
+            return
         src = Path(checkpoint_dir) / CHECKPOINT_FILE
         if not src.exists():
             ray.train.report(clean, checkpoint=None)
@@ -49,6 +54,50 @@ class RayTrainWorld(DistWorld):
             except OSError:
                 shutil.copy2(src, dst)
             ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+GRID_LAYOUT_FILE = "layout.json"
+GRID_CHECKPOINT_DIR = "grid_checkpoint"
+
+
+def _report_grid(metrics: dict, ckdir: Path) -> None:
+    """Report a grid checkpoint folder (:mod:`svdfill.train.grid_loop`): ``layout.json`` and
+    the rank files it names, as ``grid_checkpoint/`` of the reported folder. The ranks'
+    files are read from the run directory, which the ranks share (one node, or a shared
+    file system)."""
+    import json
+
+    import ray.train
+
+    names = json.loads((ckdir / GRID_LAYOUT_FILE).read_text())["names"]
+    with tempfile.TemporaryDirectory(prefix="svdfill-ckpt-") as tmp:
+        dst = Path(tmp) / GRID_CHECKPOINT_DIR
+        dst.mkdir()
+        files = [p for p in ckdir.glob("*.rank-*-of-*.pt") if p.name.split(".rank-", 1)[0] in names]
+        for src in files + [ckdir / GRID_LAYOUT_FILE]:
+            try:
+                os.link(src, dst / src.name)
+            except OSError:
+                shutil.copy2(src, dst / src.name)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore_grid(src: Path, run_dir: Path) -> int | None:
+    """Replace ``run_dir/grid_checkpoint`` by Ray's copy ``src`` (copied beside it, then
+    swapped in); returns its epoch."""
+    import json
+
+    dst = run_dir / GRID_CHECKPOINT_DIR
+    tmp = run_dir / (GRID_CHECKPOINT_DIR + ".restoring")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = run_dir / (GRID_CHECKPOINT_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return int(json.loads((dst / GRID_LAYOUT_FILE).read_text())["training"]["epoch"])
 
 
 def worker_log(line: str) -> None:
@@ -112,7 +161,10 @@ def restore_checkpoint(run_dir, world: RayTrainWorld) -> bool:
         ckpt_epoch = None
         with ckpt.as_directory() as d:
             src = Path(d) / CHECKPOINT_FILE
-            if src.exists() and world.is_main:
+            grid = Path(d) / GRID_CHECKPOINT_DIR
+            if (grid / GRID_LAYOUT_FILE).exists() and world.is_main:  # a grid run's folder
+                ckpt_epoch = _restore_grid(grid, Path(run_dir))
+            elif src.exists() and world.is_main:
                 ck.atomic_write(Path(run_dir) / CHECKPOINT_FILE,
                                 lambda tmp: shutil.copyfile(src, tmp))
                 state = ck.load_training_state(run_dir)

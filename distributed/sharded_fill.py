@@ -35,6 +35,8 @@ Transports:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -221,6 +223,75 @@ class RayFill(ShardedFill):
 
         # object-store arrays are read-only views: copied for torch
         return [(torch.from_numpy(np.array(s)), torch.from_numpy(np.array(i))) for s, i in ray.get(handle)]
+
+    def export_parts(self, state: dict, idmap, out, *, k: int, seen=None, users=None,
+                     full: bool = False, device=None, dtype: str | None = None,
+                     memory_budget: int | None = None, user_block: int | None = None,
+                     restart: bool = False, quiet: bool = False, provenance: dict | None = None,
+                     **_ignored) -> dict:
+        """The partitioned export (``--out DIR/``) with every actor writing its own part
+        (:meth:`svdfill.distributed.ray_fill.ShardActor.write_part`): part r = actor r's, the
+        blocks :func:`svdfill.fill.dataset.export_dataset` gives rank r of W, so the folder
+        equals a torchrun export at W = ``num_actors``. The driver checks the folder (and
+        ``restart``s it), waits for the parts and writes ``_manifest.json`` last. Arguments and
+        summary as :func:`export_dataset`; top-k only; call after :meth:`start`."""
+        import time
+
+        import ray
+        from tqdm import tqdm
+
+        from svdfill.data.export import ExportError
+        from svdfill.fill import dataset as D
+        from svdfill.fill.export import plan_fill
+
+        if full:
+            raise ValueError("a dense fill (full) is written by one process")
+        t0 = time.perf_counter()
+        shown, out = str(out), Path(out)
+        W = len(self.actors)
+        kw = {"users": users, "dtype": dtype, "memory_budget": memory_budget,
+              "user_block": user_block, "provenance": provenance}
+        plan = plan_fill(state, idmap, k=k, seen=seen, device="cpu", **kw)
+        D._check_folder(out, shown)
+        out.mkdir(exist_ok=True)
+        if restart:
+            D._clear(out)
+        else:
+            D._check_writers(out, shown, W)
+        (out / D.MANIFEST).unlink(missing_ok=True)  # no reader may pair it with new parts
+        idmap_ref = ray.put(idmap)
+        futures = [a.write_part.remote(r, W, str(out.resolve()), idmap_ref, kw, self.actors)
+                   for r, a in enumerate(self.actors)]
+        infos: dict = {}
+        bar = tqdm(total=plan.n_blocks, unit="block", desc="fill parts", dynamic_ncols=True,
+                   disable=quiet or not sys.stderr.isatty())
+        try:
+            left = list(futures)
+            while left:
+                ready, left = ray.wait(left, num_returns=1)
+                try:
+                    info = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.as_instanceof_cause()
+                    if isinstance(cause, (ExportError, OSError)):
+                        raise ExportError(f"{shown}: a part writer failed: {cause}") from None
+                    raise
+                infos[info["rank"]] = info
+                bar.update(info["last_block"] - info["first_block"] + 1)
+        finally:
+            bar.close()
+        for p in out.iterdir():  # parts of an earlier, larger dataset in this folder
+            m = D._PART_RE.match(p.name)
+            if m and int(m.group(1)) >= W:
+                p.unlink()
+        entries = [{key: v for key, v in infos[r].items() if key not in ("resumed_blocks", "seconds")}
+                   for r in range(W)]
+        D._write_manifest(out, plan, entries)
+        return {"path": shown, "parts": W, "blocks": plan.n_blocks,
+                "resumed_blocks": sum(i["resumed_blocks"] for i in infos.values()),
+                "users": plan.n_sel, "rows_computed": sum(i["rows"] for i in infos.values()),
+                "seconds": time.perf_counter() - t0, "user_block": plan.block,
+                "writers": [infos[r]["writer"] for r in range(W)]}
 
 
 # -- a partitioned export written by every rank -----------------------------------------------

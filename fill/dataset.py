@@ -319,3 +319,168 @@ def export_dataset(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, s
     return {"path": shown, "parts": W, "blocks": n_blocks, "resumed_blocks": sum(done_all),
             "users": plan.n_sel, "rows_computed": rows_written, "seconds": time.perf_counter() - t0,
             "user_block": plan.block}
+
+
+def grid_block_counts(user_bounds, block: int) -> list[int]:
+    """Blocks of each grid part: ``ceil((u_hi − u_lo) / block)`` (0 for an empty user block)."""
+    return [-(-(int(hi) - int(lo)) // block) for lo, hi in user_bounds]
+
+
+def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, layout, rank: int,
+                        ring, all_gather, k: int, seen=None, device=None,
+                        dtype: str | None = None, memory_budget: int | None = None,
+                        user_block: int | None = None, restart: bool = False,
+                        quiet: bool = False, provenance: dict | None = None) -> dict:
+    """Rank ``rank``'s part of the grid fill dataset ``out`` (a collective of every rank of
+    the ring; W = 1 is one process). Returns a summary dict like :func:`export_dataset`'s
+    (+ ``ring_bytes_sent``: this rank's payload bytes on the ring).
+
+    tables: this rank's blocks: ``user_factors [U_r, d]``, ``user_bias [U_r]`` (rows
+    ``layout.user_bounds[rank]``), ``item_factors [I_r, d]``, ``item_bias [I_r]`` (rows
+    ``layout.item_bounds[rank]``), ``global_mean``. layout: ``n_users``, ``n_items``,
+    ``user_bounds``, ``item_bounds`` (a ``distributed.grid.GridLayout``). ring: a
+    ``distributed.ring.Ring`` of the same ranks. all_gather: ``obj -> [obj of rank 0, …]``
+    over the ranks. seen: CSR ``(indptr [U_r+1], indices)`` of GLOBAL item ids per local
+    user row, or None. The other arguments as for :func:`export_dataset`.
+
+    Resume: each part resumes at its first unfinished block; the ring then scores only the
+    users of the unfinished blocks (every rank still takes part, with no users when its part
+    is finished), and is skipped when every part is. Memory: the running top-k of the users
+    still to write, ``12·k`` bytes per user.
+    """
+    from tqdm import tqdm
+
+    import svdfill
+    from svdfill.data.export import ExportError, RawIds, ResumableParquetWriter, topk_schema
+    from svdfill.fill.export import RANK_MAX, default_user_block
+    from svdfill.fill.grid_fill import grid_topk
+    from svdfill.kernels.fill import DEFAULT_CPU_BUDGET
+
+    t0 = time.perf_counter()
+    shown = os.fspath(out)
+    out = Path(out)
+    user_bounds = [(int(a), int(b)) for a, b in layout.user_bounds]
+    item_bounds = [(int(a), int(b)) for a, b in layout.item_bounds]
+    W = len(user_bounds)
+    n_users, n_items = int(layout.n_users), int(layout.n_items)
+    u_lo, u_hi = user_bounds[rank]
+    if not 1 <= k <= min(n_items, RANK_MAX):
+        raise ValueError(f"k={k} outside 1..{min(n_items, RANK_MAX)}")
+    device = torch.device(device or "cpu")
+    budget = memory_budget or (DEFAULT_CPU_BUDGET if device.type == "cpu" else None)
+    block = user_block or default_user_block(n_items, k, False, budget or 0)
+    counts = grid_block_counts(user_bounds, block)
+    first = sum(counts[:rank])
+    n_blocks = sum(counts)
+    bounds_sha = hashlib.sha256(json.dumps([user_bounds, item_bounds]).encode()).hexdigest()
+    meta = {
+        "svdfill.version": svdfill.__version__, "svdfill.mode": "topk", "svdfill.k": str(k),
+        "svdfill.exclude_seen": "true" if seen is not None else "false",
+        "svdfill.user_block": str(block), "svdfill.dtype": dtype or "float32",
+        "svdfill.n_users": str(n_users), "svdfill.n_items": str(n_items),
+        "svdfill.layout": "grid", "svdfill.grid_bounds_sha256": bounds_sha,
+    }
+    meta.update({f"svdfill.{key}": str(v) for key, v in (provenance or {}).items()})
+    name = part_name(rank)
+    part_meta = dict(meta, **{"svdfill.part": str(rank), "svdfill.parts": str(W),
+                              "svdfill.blocks": f"{first}:{first + counts[rank]}",
+                              "svdfill.users": f"{u_lo}:{u_hi}"})
+    schema = topk_schema(idmap, meta).with_metadata(part_meta)
+    params = dict(part_meta, device=device.type, memory_budget=budget or 0)
+    plan = FillPlan(schema=schema, meta=meta, block=block, n_blocks=n_blocks, n_sel=n_users,
+                    n_items=n_items, k=k, user_ids=RawIds(idmap.user_ids),
+                    item_ids=RawIds(idmap.item_ids))
+
+    # start: every check's verdict is all-gathered, so every rank raises alike
+    writer, done, err = None, 0, None
+    try:
+        _check_folder(out, shown)
+        if rank == 0:
+            out.mkdir(exist_ok=True)
+            if restart:
+                _clear(out)
+            else:
+                _check_writers(out, shown, W)
+            (out / MANIFEST).unlink(missing_ok=True)
+    except ExportError as e:
+        err = str(e)
+    errs = [x for x in all_gather(err) if x]
+    err = errs[0] if errs else None
+    if err is None:
+        try:
+            if _finished_part(out / name, schema) and not (out / f".{name}.partial").exists():
+                done = counts[rank]
+            else:
+                writer = ResumableParquetWriter(out / name, schema, params, counts[rank])
+                done = writer.first_block
+        except ExportError as e:
+            err = str(e)
+    state_all = all_gather((err, done))
+    errs = [e for e, _ in state_all if e]
+    if errs:
+        raise ExportError(errs[0])
+    done_all = [d for _, d in state_all]
+
+    sent0 = ring.bytes_sent
+    scores = items = None
+    row0 = u_lo + min(done * block, u_hi - u_lo)  # the first user still to write
+    if any(d < c for d, c in zip(done_all, counts)):
+        dev = device
+        P = tables["user_factors"][row0 - u_lo:].to(dev, torch.float32)
+        bu = tables["user_bias"][row0 - u_lo:].to(dev, torch.float32)
+        sub = None
+        if seen is not None:
+            from svdfill.kernels.topk import csr_slice
+
+            sub = csr_slice(seen[0].to(torch.int64), seen[1], row0 - u_lo, u_hi - u_lo)
+        scores, items = grid_topk(P, bu, tables["item_factors"].to(dev, torch.float32),
+                                  tables["item_bias"].to(dev, torch.float32), item_bounds[rank][0],
+                                  item_bounds, float(tables["global_mean"]), k, sub, ring,
+                                  dtype=dtype, memory_budget=memory_budget)
+    bar = tqdm(total=counts[rank], unit="block", desc=f"fill part {rank}", dynamic_ncols=True,
+               disable=quiet or rank != 0 or not sys.stderr.isatty())
+    rows_written = 0
+    sink = None
+    if writer is not None:
+        sink = BlockSink(writer, on_written=lambda j: _test_kill_hook(first + j, rank),
+                         on_done=lambda: bar.update(1))
+    try:
+        if writer is not None:
+            writer.open(on_replayed=lambda j: bar.update(1))
+            for b in range(done, counts[rank]):
+                a, z = u_lo + b * block, min(u_lo + (b + 1) * block, u_hi)
+                rows = torch.arange(a, z, dtype=torch.int64)
+                table = plan.table(rows, scores[a - row0:z - row0], items[a - row0:z - row0])
+                sink.put(b, table)
+                rows_written += table.num_rows
+            sink.drain()
+            writer.finish()
+    except BaseException as e:
+        if sink is not None:
+            sink.cancel()
+            writer.abort()
+            if isinstance(e, OSError):
+                raise write_failed(writer, out / name, e, counts[rank]) from e
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
+        bar.close()
+
+    import pyarrow.parquet as pq
+
+    info = {"file": name, "first_block": first, "last_block": first + counts[rank] - 1,
+            "rank": rank, "users": [u_lo, u_hi],
+            "rows": pq.ParquetFile(out / name).metadata.num_rows,
+            "bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
+    infos = all_gather(info)
+    if rank == 0:
+        for p in out.iterdir():  # parts of an earlier, larger dataset in this folder
+            m = _PART_RE.match(p.name)
+            if m and int(m.group(1)) >= W:
+                p.unlink()
+        _write_manifest(out, plan, infos)
+    return {"path": shown, "parts": W, "blocks": n_blocks, "resumed_blocks": sum(done_all),
+            "users": n_users, "rows_computed": rows_written,
+            "seconds": time.perf_counter() - t0, "user_block": block,
+            "ring_bytes_sent": ring.bytes_sent - sent0}

@@ -112,7 +112,7 @@ def export_similar(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, m
                    items=None, device=None, dtype: str | None = None,
                    memory_budget: int | None = None, block: int | None = None,
                    restart: bool = False, quiet: bool = False,
-                   provenance: dict | None = None) -> dict:
+                   provenance: dict | None = None, sharded=None) -> dict:
     """Write each item's top-k neighbours to the Parquet file ``out``: columns ``item_id``,
     ``neighbor_id`` (the model's raw item ids), ``score`` float32, ``rank`` int16 (1-based);
     one row group per block of items; atomic (temp name, renamed) and resumable (a killed
@@ -121,6 +121,9 @@ def export_similar(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, m
     items: contiguous item ids (int64 numpy [n]) whose lists are written, in that order, or
     None for all; k: 1..min(I, 32767) (the self-exclusion leaves at most I − 1 per item);
     provenance: extra ``svdfill.*`` metadata (model hash, …) that also keys the resume.
+    sharded: a :class:`svdfill.distributed.sharded_fill.ShardedFill` (torchrun ranks, Ray
+    actors), not yet started: each holds an item shard of the neighbour tables and each block's
+    lists are merged from theirs (the same file, bit for bit, whatever W is).
     Returns a summary dict (path, items, blocks, resumed_at, rows, seconds).
     """
     from svdfill.data.export import ResumableParquetWriter
@@ -142,8 +145,15 @@ def export_similar(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, m
     plan.schema = similar_schema(plan.schema, meta)  # plan.table() builds rows with it
     params = dict(meta, device=plan.params["device"], memory_budget=plan.params["memory_budget"])
 
+    compute = plan.compute
+    if sharded is not None:  # item shards on other processes: the same blocks, merged lists
+        sharded.start(ns, diagonal_csr(n_items), k=k, device=plan.device, dtype=dtype,
+                      memory_budget=memory_budget)
+        remote = sharded.blocks(plan.rows_of, plan.n_blocks)
+        compute = lambda b: plan.table(plan.rows_of(b), *remote(b))  # noqa: E731
+
     writer = ResumableParquetWriter(out, plan.schema, params, plan.n_blocks, restart=restart)
     first = writer.first_block
-    path, rows = write_blocks(writer, plan.compute, plan.n_blocks, out, desc="similar", quiet=quiet)
+    path, rows = write_blocks(writer, compute, plan.n_blocks, out, desc="similar", quiet=quiet)
     return {"path": str(path), "items": plan.n_sel, "blocks": plan.n_blocks, "resumed_at": first,
             "rows_computed": rows, "seconds": time.perf_counter() - t0, "item_block": plan.block}

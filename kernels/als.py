@@ -23,6 +23,14 @@ The sort and the chunk index tensors depend only on (users, items); they are bui
 and reused by later sweeps over the same, unmodified index tensors (the trainer passes the
 same ones every epoch).
 
+The one-process solves (and the Gibbs draws) gather ``[q_i, 1, b_i]`` per rating and form the
+augmented Gram ``[Z, y]ᵀ[Z, y]`` in one ``bmm`` (``ZᵀZ``, ``Zᵀy`` and ``yᵀy`` together), chunk by
+chunk into one buffer per *group* of chunks (:func:`side_groups`, within the budget; one group
+per side on MovieLens-1M), which is then solved by one batched Cholesky with one host sync.
+On a CPU the large temporaries live in a per-side, per-thread workspace
+(:func:`side_workspace`): fresh tensors are fresh pages, and faulting them in cost more than
+the gather itself on the 2-core box.
+
 Item-sharded worlds (``user_sum`` given): each rank holds the ratings of its own items, so
 its item solves are local, while a user's normal equations are the sum of every rank's
 part. Users are then solved in blocks of consecutive ids, the same blocks on every rank:
@@ -35,6 +43,7 @@ all-reduced instead of shuffled.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -183,6 +192,18 @@ class _Chunk:
 class _Side:
     n_cols: int
     chunks: list[_Chunk]
+    groups: dict | None = None  # (k, budget) -> side_groups(), built on first use
+    workspace: dict | None = None  # thread id -> reusable CPU buffers (side_workspace)
+
+
+@dataclass
+class _Group:
+    """Consecutive chunks whose systems are solved (or drawn) together: one batched
+    Cholesky, one noise draw and one host sync per group instead of per chunk."""
+
+    chunks: list[_Chunk]
+    rows: torch.Tensor  # int64 [B] the chunks' rows, concatenated
+    weight: torch.Tensor  # [B] their rating counts
 
 
 @dataclass
@@ -349,16 +370,87 @@ def _chunks(sorted_counts: np.ndarray, seg_cap: int, k: int, budget: int):
         lo = a
 
 
+def side_groups(side: _Side, k: int, budget: int) -> list[_Group]:
+    """The side's chunks cut into groups whose ``[B, k+1, k+1]`` augmented systems stay within
+    ``budget`` elements (at least one chunk each); cached on the side. A chunk already holds
+    at most ``budget // k²`` rows, so on MovieLens-1M each side is one group: the per-chunk
+    costs (a LAPACK batch, a host sync, a noise call, a scatter) are paid once a sweep."""
+    key = (int(k), int(budget))
+    if side.groups is None:
+        side.groups = {}
+    if key not in side.groups:
+        cap = max(1, budget // ((k + 1) * (k + 1)))
+        groups, cur, size = [], [], 0
+        for ch in side.chunks:
+            m = ch.rows.numel()
+            if cur and size + m > cap:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(ch)
+            size += m
+        if cur:
+            groups.append(cur)
+        side.groups[key] = [_Group(g, torch.cat([c.rows for c in g]), torch.cat([c.weight for c in g]))
+                            for g in groups]
+    return side.groups[key]
+
+
+def side_workspace(side: _Side, device: torch.device) -> dict | None:
+    """Reusable buffers for the sweeps over ``side`` on a CPU (``None`` elsewhere: the CUDA
+    caching allocator already reuses memory), one set per thread (threads may stand in for
+    ranks) and as long-lived as the plan. Why: on the CPU every large tensor is fresh
+    ``mmap``-ed memory whose pages fault in on first touch; measured on the 2-core box, a
+    900k × 18 gather took 200 ms into a new tensor and 58 ms into a reused one."""
+    if torch.device(device).type != "cpu":
+        return None
+    if side.workspace is None:
+        side.workspace = {}
+    return side.workspace.setdefault(threading.get_ident(), {})
+
+
+def buffer(ws: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous ``shape`` tensor of ``like``'s dtype and device: a view of
+    the workspace's buffer ``name`` (grown when too small), or a new tensor without one.
+    A name's previous contents are overwritten: callers give each live buffer its own."""
+    if ws is None:
+        return like.new_empty(shape)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    buf = ws.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = like.new_empty(max(n, 1))
+        ws[name] = buf
+    return buf[:n].view(shape)
+
+
+def group_equations(feats_aug: torch.Tensor, centered: torch.Tensor, group: _Group,
+                    budget: int, ws: dict | None = None) -> torch.Tensor:
+    """The augmented normal equations ``[B, k+1, k+1]`` of a group's rows (in ``group.rows``
+    order): :func:`chunk_augmented_equations` of each chunk written into one buffer (the
+    workspace's ``"aug"`` with ``ws``)."""
+    kk = feats_aug.shape[1]
+    out = buffer(ws, "aug", (group.rows.numel(), kk, kk), feats_aug)
+    at = 0
+    for ch in group.chunks:
+        m = ch.rows.numel()
+        chunk_augmented_equations(feats_aug, centered, ch, budget, out=out[at:at + m], ws=ws)
+        at += m
+    return out
+
+
 # -- the solves --------------------------------------------------------------------------------
 
 def _solve_side(factors, bias, fixed_factors, fixed_bias, centered, side: _Side,
                 reg: tuple[float, float, float, float], budget: int) -> None:
     """Overwrite ``factors [R, d]``/``bias [R]`` of the side's rows with their ridge solutions
     given ``fixed_factors [C, d]``/``fixed_bias [C]``; ``centered [n+1]`` = ratings − μ, 0."""
-    feats, fbias = side_features(fixed_factors, fixed_bias)
-    for ch in side.chunks:
-        gram, rhs = chunk_normal_equations(feats, fbias, centered, ch, budget)
-        _solve_rows(factors, bias, ch.rows, gram, rhs, ch.weight, reg)
+    k = fixed_factors.shape[1] + 1
+    feats_aug = side_features_augmented(fixed_factors, fixed_bias)
+    ws = side_workspace(side, factors.device)
+    for group in side_groups(side, k, budget):
+        aug = group_equations(feats_aug, centered, group, budget, ws)
+        _solve_rows(factors, bias, group.rows, aug[:, :k, :k], aug[:, :k, k:], group.weight, reg)
 
 
 def _solve_rows(factors, bias, rows: torch.Tensor, gram: torch.Tensor, rhs: torch.Tensor,
@@ -422,6 +514,62 @@ def side_features(fixed_factors: torch.Tensor, fixed_bias: torch.Tensor) -> tupl
     feats[:-1, :d] = fixed_factors
     feats[:-1, d] = 1.0
     return feats, torch.cat([fixed_bias, fixed_bias.new_zeros(1)])
+
+
+def side_features_augmented(fixed_factors: torch.Tensor, fixed_bias: torch.Tensor) -> torch.Tensor:
+    """``[C+1, d+2]`` = ``[q_i, 1, b_i]`` per column of the fixed side with a zero row at ``C``
+    (padded slots): :func:`side_features` and its bias in one table, so that one gather
+    fetches both."""
+    c, d = fixed_factors.shape
+    feats = fixed_factors.new_zeros(c + 1, d + 2)
+    feats[:-1, :d] = fixed_factors
+    feats[:-1, d] = 1.0
+    feats[:-1, d + 1] = fixed_bias
+    return feats
+
+
+def chunk_augmented_equations(feats_aug: torch.Tensor, centered: torch.Tensor, ch: _Chunk,
+                              budget: int, out: torch.Tensor | None = None,
+                              ws: dict | None = None) -> torch.Tensor:
+    """The normal equations of a chunk's rows as one augmented Gram ``[B, k+1, k+1]`` =
+    ``[Z, y]ᵀ[Z, y]``: ``[:, :k, :k]`` is ``ZᵀZ``, ``[:, :k, k]`` is ``Zᵀy`` and ``[:, k, k]``
+    is ``yᵀy``, with ``Z`` the first ``k`` columns of the gathered ``feats_aug``
+    (:func:`side_features_augmented`) and ``y = centered − b``. One gather and one ``bmm``
+    per segment batch (instead of a second gather and a matrix-vector ``bmm`` that reads the
+    gathered features again). ``out``: a contiguous ``[B, k+1, k+1]`` buffer to fill; ``ws``:
+    a :func:`side_workspace` for the gathers."""
+    if ch.seg_row is None:
+        return _augmented_equations(feats_aug, centered, ch.cols, ch.pos, out, ws)
+    kk = feats_aug.shape[1]
+    if out is None:
+        out = feats_aug.new_zeros(ch.rows.numel(), kk, kk)
+    else:
+        out.zero_()
+    step = max(1, budget // (ch.cols.shape[1] * kk))
+    for s in range(0, ch.cols.shape[0], step):
+        g = _augmented_equations(feats_aug, centered, ch.cols[s:s + step], ch.pos[s:s + step],
+                                 ws=ws, out_name="seg")
+        out.index_add_(0, ch.seg_row[s:s + step], g)
+    return out
+
+
+def _augmented_equations(feats_aug, centered, cols, pos, out=None, ws=None, out_name=None):
+    """``[Z, y]ᵀ[Z, y]`` ``[S, k+1, k+1]`` of padded segments (padding gathers zeros);
+    gathers into the workspace ``ws`` when given (and the result too, with ``out_name``)."""
+    kk = feats_aug.shape[1]
+    x = buffer(ws, "gather", (cols.numel(), kk), feats_aug)
+    torch.index_select(feats_aug, 0, cols.reshape(-1), out=x)
+    x = x.view(*cols.shape, kk)  # [S, L, k+1]
+    c = buffer(ws, "target", (pos.numel(),), centered)
+    torch.index_select(centered, 0, pos.reshape(-1), out=c)
+    y = x[..., kk - 1]  # the gathered b, turned into y = centered − b in place (one pass)
+    torch.sub(c.view(cols.shape), y, out=y)
+    xt = x.transpose(1, 2)
+    if out is None and out_name is not None and ws is not None:
+        out = buffer(ws, out_name, (cols.shape[0], kk, kk), feats_aug)
+    if out is None:
+        return torch.bmm(xt, x)
+    return torch.bmm(xt, x, out=out)
 
 
 def chunk_normal_equations(feats: torch.Tensor, fbias: torch.Tensor, centered: torch.Tensor,

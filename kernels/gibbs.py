@@ -10,9 +10,9 @@ probabilistic matrix factorization using MCMC", 2008, extended with biases):
 
 A sweep samples the hyperparameters of the user side from the current user rows, then every
 user's ``[p_u, b_u]`` from its Gaussian conditional given the items — the same normal
-equations as ALS (:func:`svdfill.kernels.als.chunk_normal_equations`), with the prior's
-precision in place of the penalty, solved by one batched Cholesky per chunk — then the same
-for items, then α from the residuals. Nothing is tuned per dataset beyond the priors and d:
+equations as ALS (:func:`svdfill.kernels.als.chunk_augmented_equations`), with the prior's
+precision in place of the penalty, solved by one batched Cholesky per group of chunks — then
+the same for items, then α from the residuals. Nothing is tuned per dataset beyond the priors and d:
 the data set the amount of shrinkage, which is why the posterior mean beats a tuned MAP fit
 (ALS) on MovieLens.
 
@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from svdfill.kernels.als import (DEFAULT_BUDGET_ELEMENTS, chunk_normal_equations, rating_plan,
-                                 side_features, summed_user_equations, user_blocks)
+from svdfill.kernels.als import (DEFAULT_BUDGET_ELEMENTS, buffer, group_equations, rating_plan,
+                                 side_features, side_features_augmented, side_groups,
+                                 side_workspace, summed_user_equations, user_blocks)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def sample_side(own_f: torch.Tensor, own_b: torch.Tensor, fixed_f: torch.Tensor,
                 prior_mean: torch.Tensor, prior_prec: torch.Tensor, bias_prec: float,
                 generator: torch.Generator | None, budget: int = DEFAULT_BUDGET_ELEMENTS,
                 mean_f: torch.Tensor | None = None, mean_b: torch.Tensor | None = None,
-                overrelax: float = 0.0) -> float:
+                overrelax: float = 0.0, with_targets: bool = False) -> float:
     """Replace ``[own_f, own_b]`` of every row with ratings by a draw from its conditional
 
         N(A⁻¹h, A⁻¹),  A = α ZᵀZ + blockdiag(Λ, τ),  h = α Zᵀ(r − μ − b_fixed) + [Λ m, 0]
@@ -161,19 +162,31 @@ def sample_side(own_f: torch.Tensor, own_b: torch.Tensor, fixed_f: torch.Tensor,
     successive draws anticorrelated, so averages over the chain converge in fewer sweeps
     (ML-100K: ρ = −0.9 reaches in 30 sweeps the posterior-mean RMSE plain Gibbs has after 100).
 
+    The rows are drawn a group of chunks at a time (:func:`~svdfill.kernels.als.side_groups`:
+    one batched Cholesky, one noise call, one host sync per group) from augmented Grams
+    ``[Z, y]ᵀ[Z, y]`` (:func:`~svdfill.kernels.als.chunk_augmented_equations`).
+
     Returns ``Σ_rows (xᵀZᵀZ x − 2 xᵀZᵀy)`` of the new draws ``x`` (float64 sum), from the
-    normal equations already built: plus ``Σ yᵀy`` (one gather per rating, no factors) it is
-    the residual sum of squares that the noise precision needs, without another pass over
-    the ratings' factors. Raises ``FloatingPointError`` when a conditional is not positive
+    normal equations already built; with ``with_targets`` plus ``Σ yᵀy``, i.e. the residual
+    sum of squares ``Σ (y − Z x)²`` that the noise precision needs, without another pass
+    over the ratings. Raises ``FloatingPointError`` when a conditional is not positive
     definite (NaN/inf in the inputs).
     """
-    feats, fbias = side_features(fixed_f, fixed_b)
+    k = fixed_f.shape[1] + 1
+    feats_aug = side_features_augmented(fixed_f, fixed_b)
     prior = _prior_terms(own_f, prior_mean, prior_prec, bias_prec)
     fit = torch.zeros((), dtype=torch.float64, device=own_f.device)
-    for ch in side.chunks:
-        gram, rhs = chunk_normal_equations(feats, fbias, centered, ch, budget)
-        fit += _draw_rows(gram, rhs, ch.rows, own_f, own_b, prior, alpha, generator,
-                          overrelax, mean_f, mean_b)
+    ws = side_workspace(side, own_f.device)
+    for group in side_groups(side, k, budget):
+        aug = group_equations(feats_aug, centered, group, budget, ws)
+        x = _draw_solutions(aug[:, :k, :k], aug[:, :k, k:], group.rows, own_f, own_b, prior,
+                            alpha, generator, overrelax, mean_f, mean_b, ws)
+        # [x; −1]ᵀ [[G, r], [rᵀ, yᵀy]] [x; −1] = xᵀGx − 2xᵀr + yᵀy: one bmm on the
+        # contiguous augmented Gram
+        v = torch.cat([x, x.new_full((x.shape[0], 1, 1), -1.0)], 1)
+        fit += (torch.bmm(aug, v) * v).sum(dtype=torch.float64)
+        if not with_targets:
+            fit -= aug[:, k, k].sum(dtype=torch.float64)
     if not bool(torch.isfinite(own_f).all()):
         raise FloatingPointError("gibbs: non-finite draw (NaN/inf in ratings or factors?)")
     return float(fit)
@@ -220,11 +233,24 @@ def _draw_rows(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax
     """Draw ``rows`` of ``[own_f, own_b]`` from their conditionals given their normal
     equations ``gram [B, k, k]``, ``rhs [B, k, 1]``; returns their ``Σ (xᵀGx − 2xᵀr)``
     (float64, 0-d)."""
+    draw = _draw_solutions(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax,
+                           mean_f, mean_b)
+    return ((torch.bmm(gram, draw) - 2 * rhs) * draw).sum(dtype=torch.float64)
+
+
+def _draw_solutions(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax, mean_f,
+                    mean_b, ws: dict | None = None) -> torch.Tensor:
+    """Draw ``rows`` of ``[own_f, own_b]`` (written in place, conditional means into
+    ``mean_f``/``mean_b`` when given) from their conditionals given ``gram [B, k, k]``,
+    ``rhs [B, k, 1]`` (views are fine); returns the draws ``[B, k, 1]``. ``ws``: a
+    :func:`~svdfill.kernels.als.side_workspace` for the ``[B, k, k]`` temporaries."""
     p0, h0 = prior
     d = own_f.shape[1]
     dev, dtype = own_f.device, own_f.dtype
-    prec = torch.add(p0, gram, alpha=alpha)
+    b, k = gram.shape[0], gram.shape[1]
+    prec = torch.add(p0, gram, alpha=alpha, out=buffer(ws, "prec", (b, k, k), gram))
     h = torch.add(h0[:, None], rhs, alpha=alpha)
+    # (not out=prec: LAPACK's column-major copy makes the in-place factor slower, measured)
     chol, info = torch.linalg.cholesky_ex(prec)
     if bool((info != 0).any()):
         raise FloatingPointError("gibbs: a conditional precision is not positive definite "
@@ -242,13 +268,12 @@ def _draw_rows(gram, rhs, rows, own_f, own_b, prior, alpha, generator, overrelax
         y = torch.cat([y + eps, y], dim=2) if mean_f is not None else y + eps
     x = torch.linalg.solve_triangular(chol.transpose(1, 2), y, upper=True)
     draw = x[:, :, :1]
-    fit = ((torch.bmm(gram, draw) - 2 * rhs) * draw).sum(dtype=torch.float64)
     own_f[rows] = x[:, :d, 0]
     own_b[rows] = x[:, d, 0]
     if mean_f is not None:
         mean_f[rows] = x[:, :d, -1]
         mean_b[rows] = x[:, d, -1]
-    return fit
+    return draw
 
 
 # -- the running posterior mean as a rank-r SVD ----------------------------------------------------
@@ -416,13 +441,12 @@ class GibbsChain:
             mean_q, mean_bi = torch.zeros_like(self.Q), torch.zeros_like(self.bi)
         else:
             mean_q = mean_bi = None
-        fit = self._sample(self.Q, self.bi, self.P, self.bu, centered, plan.item_side, rng, gen,
+        sse = self._sample(self.Q, self.bi, self.P, self.bu, centered, plan.item_side, rng, gen,
                            mean_q, mean_bi)
         if self.priors.noise_precision > 0:
             self.alpha = float(self.priors.noise_precision)
         else:
             n = ratings.numel()
-            sse = float((centered[:n] - self.bu[users]).double().pow(2).sum()) + fit
             if self.shard_sum is not None:  # every rank's ratings: one α for all
                 both = torch.tensor([float(n), sse], dtype=torch.float64, device=dev)
                 self.shard_sum(both)
@@ -434,6 +458,8 @@ class GibbsChain:
             self.sum_bi += 0.5 * (bi_prev.double() + mean_bi.double())
 
     def _sample(self, own_f, own_b, fixed_f, fixed_b, centered, side, rng, gen, mean_f, mean_b) -> float:
+        """Draw one side's hyperparameters, then its rows; returns the residual sum of squares
+        of its ratings under the new draws."""
         rows = torch.cat([ch.rows for ch in side.chunks]) if side.chunks else own_f.new_zeros(0, dtype=torch.int64)
         if self.shard_sum is None:
             n, m, scatter = row_moments(own_f[rows])
@@ -443,7 +469,7 @@ class GibbsChain:
             sq_t = own_b[rows].double().pow(2).sum().reshape(1)
             self.shard_sum(sq_t)
             sq = float(sq_t[0])
-        return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side,
+        return sample_side(own_f, own_b, fixed_f, fixed_b, centered, side, with_targets=True,
                            **self._conditional_args(rng, n, m, scatter, sq, gen, mean_f, mean_b))
 
     def _sample_users_sharded(self, users, items, plan, centered, rng, gen, mean_p, mean_bu) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -132,6 +133,105 @@ def tile_topk(tile: Tensor, k: int) -> tuple[Tensor, Tensor]:
         v2, c2 = exact_rows(tile.index_select(0, redo), k)
         vals = vals.index_copy(0, redo, v2)
         cols = cols.index_copy(0, redo, c2)
+    return vals, cols
+
+
+# ---------------------------------------------------------------------------------------
+# CPU selection: a threshold from group maxima, then one sort of the few candidates
+# ---------------------------------------------------------------------------------------
+
+THRESHOLD_GROUP = 8
+"""Columns per group whose maxima give the threshold of :func:`threshold_topk`."""
+
+_U32 = np.uint64(32)
+
+
+def threshold_group(n: int, k: int) -> int:
+    """Group width g for :func:`threshold_topk` on rows of n columns: the largest of
+    1..``THRESHOLD_GROUP`` that still leaves at least k groups (n // g >= k)."""
+    return max(1, min(THRESHOLD_GROUP, n // max(k, 1)))
+
+
+def threshold_topk(tile: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row of a float32 [R, n] array (CPU, numpy; 1 <= k < n), ordered
+    by (value desc, column asc) — :func:`tile_topk`'s result, without its per-row selects.
+
+    (values float32 [R, k], columns int64 [R, k]); values are the array's own (−0.0 kept).
+
+    1. Group maxima: group j holds columns j, j+G, j+2G, … (G = n // g, the ragged tail
+       columns are groups of their own), so the maxima are one vectorized pass.
+    2. τ = the k-th largest group maximum (``np.partition``, an AVX-512 select in numpy
+       2): at least k groups have a maximum >= τ, so at least k entries are >= τ, and
+       every entry of the row's top-k — *all* entries tied with its k-th value included —
+       is >= τ. On Gaussian scores about 1.15·k entries pass (k = 100, n = 3,000, g = 8).
+    3. The candidates (entries >= τ: they lie in the groups whose maximum is >= τ, whose
+       members are gathered and compared, and in the ragged tail) get unique
+       uint64 keys: row (high bits), inverted order-preserving float bits, column (low
+       bits); one ``np.sort`` of all of them orders every row by the tie rule, and each
+       row's first k keys are its answer. −0.0 and +0.0 share a key (they compare equal).
+
+    Rows where τ is NaN (NaN scores) have fewer than k candidates: they go through
+    :func:`tile_topk`. The row and column bits must fit 32 bits together; wider inputs are
+    cut into row chunks that do.
+    """
+    rows, n = tile.shape
+    if not 1 <= k < n:
+        raise ValueError(f"threshold_topk needs 1 <= k < n, got k={k}, n={n}")
+    col_bits = max(1, (n - 1).bit_length())
+    chunk = 1 << max(0, 32 - col_bits)
+    if rows > chunk:
+        parts = [threshold_topk(tile[a : a + chunk], k) for a in range(0, rows, chunk)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    g = threshold_group(n, k)
+    G = n // g
+    s0, s1 = tile.strides
+    groups = np.lib.stride_tricks.as_strided(tile, (rows, g, G), (s0, G * s1, s1))  # a view
+    gmain = groups.max(axis=1)  # [R, G]
+    tail = n - G * g
+    gmax = np.concatenate([gmain, tile[:, G * g :]], axis=1) if tail else gmain
+    tau = np.partition(gmax, gmax.shape[1] - k, axis=1)[:, gmax.shape[1] - k, None]
+    # candidates only from the groups whose maximum reaches τ (~1 in 3.5): gather those
+    # groups' g members, keep the ones >= τ — cheaper than a compare over every entry
+    gi = np.flatnonzero(gmain >= tau)
+    rr = gi // G
+    jj = gi - rr * G
+    members = groups[rr, :, jj]  # [N, g]
+    sub = np.flatnonzero(members >= tau[rr])
+    q = sub // g
+    r, c, v = rr[q], jj[q] + (sub - q * g) * G, members.reshape(-1)[sub]
+    if tail:  # the ragged tail columns, each its own group
+        tt = tile[:, G * g :]
+        ft = np.flatnonzero(tt >= tau)
+        rt = ft // tail
+        ct = ft - rt * tail
+        r = np.concatenate([r, rt])
+        c = np.concatenate([c, ct + G * g])
+        v = np.concatenate([v, tt[rt, ct]])
+    counts = np.bincount(r, minlength=rows)
+    bits = (v + np.float32(0.0)).view(np.uint32)  # -0.0 -> +0.0
+    # float order as unsigned ints: negatives reversed, positives above them; inverted
+    # so that an ascending sort puts the largest score first
+    neg = bits >= np.uint32(0x80000000)
+    inv = np.where(neg, bits, ~bits ^ np.uint32(0x80000000)).astype(np.uint64)
+    keys = (r.astype(np.uint64) << np.uint64(32 + col_bits)) | (inv << np.uint64(col_bits)) | c.astype(np.uint64)
+    keys.sort()
+    starts = np.zeros(rows, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    ok = counts >= k
+    pos = np.where(ok, starts, 0)[:, None] + np.arange(k)
+    top = keys.take(np.minimum(pos, max(keys.size - 1, 0))) if keys.size else np.zeros((rows, k), np.uint64)
+    cols = (top & np.uint64((1 << col_bits) - 1)).astype(np.int64)
+    # the scores back from their keys (cheaper than a gather from the tile): undo the
+    # inversion; a zero may have been −0.0, so zeros are read from the tile
+    inv = (top >> np.uint64(col_bits)).astype(np.uint32)
+    vals = np.where(inv >= np.uint32(0x80000000), inv, ~(inv ^ np.uint32(0x80000000))).view(np.float32)
+    if not ok.all():  # NaN scores: the exact torch path for those rows
+        bad = np.flatnonzero(~ok)
+        v2, c2 = tile_topk(torch.from_numpy(tile[bad]), k)
+        cols[bad], vals[bad] = c2.numpy(), v2.numpy()
+    zero = np.flatnonzero(vals == 0)
+    if zero.size:
+        vals.reshape(-1)[zero] = np.take_along_axis(tile, cols, axis=1).reshape(-1)[zero]
     return vals, cols
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "similar": "Each item's top-k most similar items (cosine or dot of the factors) as Parquet.",
     "export-factors": "Write the user/item factors and biases as Parquet (or a Spark ALSModel).",
     "foldin": "Fold new or changed users into a trained model (items fixed) and write a new run.",
+    "plan": "Per-rank memory, bytes moved and time of a job, items vs grid layout (a prediction).",
 }
 
 

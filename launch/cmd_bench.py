@@ -1,4 +1,4 @@
-"""`svdfill bench fill|kernels|accuracy|ingest`: each prints one table with its baseline measured
+"""`svdfill bench fill|kernels|accuracy|ingest|plan`: each prints one table with its baseline measured
 in the same run, so speed claims are ratios, never lone seconds."""
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ SUITES = {
     "kernels": "Fused Triton kernels vs plain torch vs the hardware floor (CUDA).",
     "accuracy": "svdfill vs the original recipe vs Surprise SVD on seeded splits.",
     "ingest": "Reading a dataset: each of W ranks its share vs one process reading all.",
+    "plan": "svdfill plan's predicted bytes, memory and time vs measured runs at W = 1, 2, 4.",
 }
+
+_MODULES = {"plan": "plan_check"}
+"""Suites whose module under svdfill.bench is not named after the suite."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     for name, help_ in SUITES.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(f"svdfill.bench.{name}").add_arguments(p)
+        importlib.import_module(f"svdfill.bench.{_MODULES.get(name, name)}").add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -27,4 +31,4 @@ def main(args: argparse.Namespace) -> int:
         from svdfill.launch.cmd_fill import resolve_device
 
         args.device = str(resolve_device(args.device))
-    return importlib.import_module(f"svdfill.bench.{args.suite}").main(args)
+    return importlib.import_module(f"svdfill.bench.{_MODULES.get(args.suite, args.suite)}").main(args)

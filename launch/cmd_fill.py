@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
     parser.add_argument("--exclude", metavar="FILE", default=None,
                         help="per-user exclusions: one 'user_id<TAB or comma>item_id' pair per line "
                              "('#' comments), dropped like seen items")
+    parser.add_argument("--foldin", metavar="NEW_FILE", default=None,
+                        help="first fold in the users of this ratings file (new users added, known "
+                             "ones refit from it; items fixed, the run's own regularized solve, as "
+                             "`svdfill foldin`) and fill for them (with --users: for those users "
+                             "of the extended model instead)")
     parser.add_argument("--skip-unknown", action="store_true",
                         help="skip ids the model does not know in --items-allow/--items-deny/--exclude "
                              "(a count is printed) instead of stopping with an error")
@@ -204,6 +209,46 @@ def read_pair_list(path: str | os.PathLike, idmap: Any, *, skip_unknown: bool = 
     return idx[0][~bad].astype(np.int64), idx[1][~bad].astype(np.int64)
 
 
+def _agreed(exchange, fn) -> None:
+    """``fn()`` here; under a partitioned export's ``exchange`` its UserError is raised on
+    every rank alike (the lowest rank's), so none waits in a collective for one that gave up."""
+    from svdfill.launch.errors import UserError
+
+    try:
+        fn()
+        err = None
+    except UserError as e:
+        if exchange is None:
+            raise
+        err = str(e)
+    if exchange is not None:
+        errs = [e for e in exchange.all_gather(err) if e]
+        if errs:
+            raise UserError(errs[0])
+
+
+def fold_in_for_fill(model: Any, path: str, *, device: str | None = None, quiet: bool = False):
+    """``--foldin``: the run's model with the users of ``path`` folded in
+    (:func:`svdfill.train.foldin.fold_in`, read with the model's data settings; the run's
+    seen sets carried over and extended): a :class:`~svdfill.train.foldin.FoldIn`.
+    Deterministic, so torchrun ranks that each fold in get the same tables."""
+    from svdfill.checkpoint import SEEN_FILE, load_seen
+    from svdfill.launch.cmd_eval import read_for_model
+    from svdfill.train.foldin import fold_in
+
+    run_dir = model.path.parent
+    seen = load_seen(run_dir) if (run_dir / SEEN_FILE).exists() else None
+    where = "cpu" if device is None or device == "auto" else device
+    result = fold_in(model, read_for_model(model, path), seen=seen, device=where)
+    i = result.info
+    if not quiet:
+        skipped = (f"; skipped {i['ratings_skipped']:,} ratings of {i['unknown_items']:,} items the "
+                   f"model does not know" if i["ratings_skipped"] else "")
+        print(f"svdfill: folded in {i['users_folded']:,} users ({i['users_new']:,} new, "
+              f"{i['users_refit']:,} refit) from {path}{skipped}", file=sys.stderr)
+    return result
+
+
 def read_filters(args: argparse.Namespace, idmap: Any) -> tuple[dict, dict]:
     """The filter options as :func:`svdfill.fill.filters.filter_fill_inputs` arguments
     (``allow``, ``deny``, ``exclude``) and their provenance (file hashes, which key the
@@ -272,14 +317,24 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
             raise UserError("--full is written by one process: run `svdfill fill --full` "
                             "without --launcher torchrun")
         return launch_torchrun(TORCHRUN_MODULE, args, add_arguments, nproc)
+    from svdfill.launch import fill_grid
+
+    grid = fill_grid.grid_model_dir(args.model)
+    if grid is not None and exchange is None and sharded is None:
+        return fill_grid.main(args, grid)  # a grid run: the ring fill (W = 1 here)
     from svdfill.checkpoint import SEEN_FILE, load_model, load_seen
     from svdfill.data.export import check_writable
     from svdfill.fill.dataset import export_dataset, is_dataset_path
     from svdfill.fill.export import RANK_MAX, export_fill
     from svdfill.kernels.fill import device_dtype
 
-    dataset = is_dataset_path(args.out)
-    out = Path(args.out)
+    from svdfill.fill.publish import Target, is_remote, local_out, publish
+
+    # an object store (s3://, gs://, …): built in a local staging folder, then uploaded
+    target = Target(args.out) if is_remote(args.out) else None
+    out_path = local_out(args.out) if target is not None else args.out
+    dataset = is_dataset_path(out_path)
+    out = Path(out_path)
     if not dataset:
         check_writable(out)
     elif args.full and (exchange is not None or sharded is not None):
@@ -307,9 +362,18 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
             raise UserError(f"{run_dir / SEEN_FILE}: seen sets do not match the model "
                             f"({model.n_users} users × {n_items} items)")
         provenance["seen_sha256"] = file_sha256(run_dir / SEEN_FILE)
-    users = read_user_list(args.users, model.idmap) if args.users else None
     state, idmap = model.state, model.idmap
-    filters, filter_prov = read_filters(args, model.idmap)
+    users = None
+    if args.foldin:
+        folded = fold_in_for_fill(model, args.foldin, device=args.device, quiet=args.quiet)
+        state, idmap = folded.state, folded.idmap
+        seen = folded.seen["all"] if exclude else None
+        provenance["foldin_sha256"] = file_sha256(args.foldin)
+        if not args.users:  # the folded users, in id order
+            users = idmap.encode_users(folded.users).astype("int64")
+    if args.users:
+        users = read_user_list(args.users, idmap)
+    filters, filter_prov = read_filters(args, idmap)
     if filters:
         # applied outside the kernels (compacted item table, exclusions merged into the seen
         # sets), so they hold for the tiles, the fused fill and every sharded path alike
@@ -345,10 +409,20 @@ def main(args: argparse.Namespace, *, sharded: ShardedFill | None = None,
     common = dict(k=k, seen=seen, users=users, full=args.full, device=device, dtype=dtype,
                   memory_budget=budget, user_block=block, restart=args.restart, quiet=args.quiet,
                   provenance=provenance, sharded=sharded)
-    if dataset:
-        summary = export_dataset(state, idmap, args.out, exchange=exchange, **common)
+    if target is not None:
+        _agreed(exchange, lambda: target.prepare(restart=args.restart)
+                if exchange is None or exchange.rank == 0 else None)
+    if dataset and sharded is not None and hasattr(sharded, "export_parts"):
+        summary = sharded.export_parts(state, idmap, out_path, **common)  # Ray: each actor its part
+    elif dataset:
+        summary = export_dataset(state, idmap, out_path, exchange=exchange, **common)
     else:
         summary = export_fill(state, idmap, out, **common)
+    if target is not None:
+        barrier = None if exchange is None else (lambda: exchange.all_gather(None))
+        summary["bytes_uploaded"] = publish(target, out_path, rank=exchange.rank if exchange else 0,
+                                            size=exchange.size if exchange else 1, barrier=barrier)
+        summary["path"] = target.shown
     if not args.quiet:
         what = "every unseen pair" if args.full else f"top-{k}"
         if dataset:

@@ -24,9 +24,9 @@ _OVERRIDES = {
 
 
 def _count(text: str) -> int:
-    """Integers with optional thousands separators or a k/M/G suffix: 100M, 600k, 2_000."""
+    """Integers with optional thousands separators or a k/M/G/B suffix: 100M, 600k, 10B, 2_000."""
     t = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(t[-1:].lower(), 1)
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:].lower(), 1)
     if scale != 1:
         t = t[:-1]
     try:

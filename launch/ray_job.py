@@ -1,4 +1,4 @@
-"""Ray entry points: ``python -m svdfill.launch.ray_job train|fill …``, also as a Ray job::
+"""Ray entry points: ``python -m svdfill.launch.ray_job train|fill|similar …``, also as a Ray job::
 
     ray job submit --working-dir . -- python -m svdfill.launch.ray_job train --config … --out …
     ray job submit --working-dir . -- python -m svdfill.launch.ray_job fill --model … --k … --out …
@@ -8,11 +8,15 @@ from ``[dist]``: every worker is one rank of the item-sharded trainer (the same 
 ``svdfill train`` and torchrun), reports its metrics each epoch, and the main rank attaches
 the resumable checkpoint (``ray.train.Checkpoint``). With ``FailureConfig(max_failures)``
 a dead worker makes Ray restart the group, which resumes from the last checkpoint. The run
-directory ends up as ``svdfill train`` leaves it; Ray's own records go to ``OUT/.ray``
-(``RunConfig.storage_path``; on a multi-node cluster OUT must be on storage every node sees).
+directory ends up as ``svdfill train`` leaves it; Ray's own records and checkpoints go to
+``RunConfig.storage_path``: ``OUT/.ray`` by default, or ``--storage-path URI`` (``s3://``,
+``gs://``, ``hdfs://`` through ``pyarrow.fs``, credentials and endpoint from the usual
+environment, e.g. ``AWS_ENDPOINT_URL``): what a multi-node cluster needs, since a restarted
+worker group on another node restores the last checkpoint from there.
 
 ``fill`` starts W Ray actors, each holding one item shard, and streams the merged top-k to
-Parquet exactly as ``svdfill fill`` does (same file, same options).
+Parquet exactly as ``svdfill fill`` does (same file, same options). ``similar`` does the same
+for ``svdfill similar`` (each actor one item shard of the neighbour table).
 
 Without ``--address`` this connects to the cluster the job runs in (``ray job submit``,
 ``RAY_ADDRESS``) or else starts a local one.
@@ -90,13 +94,15 @@ def train(args: argparse.Namespace) -> int:
         return 0
     backend = resolve_backend(cfg.dist.backend,
                               torch.device("cuda" if cfg.dist.use_gpu else "cpu"))
+    storage_path, storage_fs = _storage(args.storage_path, out)
     _ray_init(args.address)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "out": str(out), "quiet": args.quiet},
         scaling_config=ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu),
         torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name=f"svdfill-{cfg.name}", storage_path=str(out / ".ray"),
+        run_config=RunConfig(name=f"svdfill-{cfg.name}", storage_path=storage_path,
+                             storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.dist.max_failures)),
     )
     trainer.fit()  # raises ray.train.TrainingFailedError once max_failures are spent
@@ -104,6 +110,30 @@ def train(args: argparse.Namespace) -> int:
         raise RuntimeError(f"{out}: Ray Train finished but wrote no {ck.SUMMARY_FILE}")
     print(json.dumps(_summary_line(out)))
     return 0
+
+
+def _storage(uri: str | None, out: Path):
+    """``(storage_path, storage_filesystem)`` of Ray Train's RunConfig: ``OUT/.ray`` on the local
+    disk, or a URI opened here through ``pyarrow.fs`` (the filesystem object travels to the
+    workers with its endpoint and credentials, so they need no environment of their own).
+    An unreachable or unknown location is a UserError naming it (credentials never shown)."""
+    from svdfill.data.sources import is_uri
+    from svdfill.launch.errors import UserError
+
+    if not uri:
+        return str(out / ".ray"), None
+    if not is_uri(uri):
+        return str(Path(uri).resolve()), None
+    from svdfill.data.sources import open_filesystem, redact_uri
+
+    try:
+        fs, path = open_filesystem(uri)
+        path = path.rstrip("/")
+        fs.create_dir(path, recursive=True)
+        fs.get_file_info(path)  # fails here, not in a worker, when the store is unreachable
+    except (ValueError, OSError) as e:
+        raise UserError(f"--storage-path {redact_uri(uri)}: cannot use this location: {e}") from None
+    return path, fs
 
 
 def _summary_line(out: Path) -> dict:
@@ -150,6 +180,23 @@ def fill(args: argparse.Namespace) -> int:
             for w in where), flush=True)
 
     return cmd_fill.main(args, sharded=RayFill(num_actors, use_gpu=use_gpu, on_start=on_start))
+
+
+def similar(args: argparse.Namespace) -> int:
+    """``svdfill similar`` with the neighbour lists computed by W Ray actors, one item shard
+    of the neighbour table each; the driver merges and writes the same file."""
+    from svdfill.checkpoint import load_model
+    from svdfill.distributed.sharded_fill import RayFill
+    from svdfill.launch import cmd_similar
+
+    cfg = load_model(args.model).config
+    num_actors = args.num_actors or cfg.dist.num_workers
+    _ray_init(args.address)
+    sharded = RayFill(num_actors, use_gpu=bool(args.use_gpu or cfg.dist.use_gpu))
+    try:
+        return cmd_similar.main(args, sharded=sharded)
+    finally:
+        sharded.close()
 
 
 # -- bench ----------------------------------------------------------------------------------
@@ -236,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backend", choices=("auto", "gloo", "nccl"),
                    help="torch.distributed backend; overrides dist.backend")
     t.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    t.add_argument("--storage-path", metavar="URI",
+                   help="Ray Train's storage for its records and checkpoints (default OUT/.ray): a "
+                        "folder every node sees, or s3://bucket/prefix, gs://…, hdfs://…")
     f = sub.add_parser("fill", help="top-k fill over W Ray actors, one item shard each")
     from svdfill.launch import cmd_fill
 
@@ -243,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--num-actors", type=int, help="item shards = Ray actors; overrides dist.num_workers")
     f.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     f.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")
+    s = sub.add_parser("similar", help="similar items over W Ray actors, one item shard each")
+    from svdfill.launch import cmd_similar
+
+    cmd_similar.add_arguments(s, launcher=False)
+    s.add_argument("--num-actors", type=int, help="item shards = Ray actors; overrides dist.num_workers")
+    s.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    s.add_argument("--address", help="Ray cluster address (default: the job's cluster, or a local one)")
     b = sub.add_parser("bench-fill", help="fill scaling over W Ray actors vs one process")
     b.add_argument("--users", type=int, default=100_000)
     b.add_argument("--items", type=int, default=3_000)
@@ -260,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     from svdfill.launch.errors import run_reporting_errors
 
     args = build_parser().parse_args(argv)
-    fn = {"train": train, "fill": fill, "bench-fill": bench_fill}[args.command]
+    fn = {"train": train, "fill": fill, "similar": similar, "bench-fill": bench_fill}[args.command]
     return run_reporting_errors(lambda: fn(args))
 
 

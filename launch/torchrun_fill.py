@@ -13,6 +13,10 @@ a one-process job (``svdfill fill --full``).
 own part, the blocks' lists gathered to their owners
 (:class:`~svdfill.distributed.sharded_fill.TorchrunExchange`,
 :func:`svdfill.fill.dataset.export_dataset`); rank 0 prints the summary.
+
+A grid run (``RUN/grid_model/``, trained with ``[dist] layout = "grid"``): every rank runs
+:func:`svdfill.launch.fill_grid.main` — its user block's top-k as the item blocks pass
+around a ring, written as its own part of ``--out DIR/``; nothing is gathered.
 """
 
 from __future__ import annotations
@@ -43,16 +47,22 @@ def _load(args: argparse.Namespace):
         from svdfill.launch import cmd_fill
 
         model = load_model(args.model)
-        filters, _ = cmd_fill.read_filters(args, model.idmap)
+        state, idmap = model.state, model.idmap
+        fcfg = model.config.fill
+        own = fcfg.exclude_seen if args.exclude_seen is None else args.exclude_seen
+        if args.foldin:  # the same fold-in as rank 0's (deterministic): the same tables
+            folded = cmd_fill.fold_in_for_fill(model, args.foldin, device=args.device, quiet=True)
+            state, idmap = folded.state, folded.idmap
+            seen = folded.seen["all"] if own else None
+        else:
+            seen = load_seen(model.path.parent)["all"] if own else None
+        filters, _ = cmd_fill.read_filters(args, idmap)
         if not filters:
-            return model.state, (load_seen(model.path.parent)["all"] if exclude else None)
+            return state, (seen if exclude else None)
         from svdfill.fill.filters import filter_fill_inputs
 
         # `exclude` also says "exclusions given": the run's own seen sets follow the option
-        fcfg = model.config.fill
-        own = fcfg.exclude_seen if args.exclude_seen is None else args.exclude_seen
-        seen = load_seen(model.path.parent)["all"] if own else None
-        state, _, seen, _ = filter_fill_inputs(model.state, model.idmap, seen, **filters)
+        state, _, seen, _ = filter_fill_inputs(state, idmap, seen, **filters)
         return state, seen
     return load
 
@@ -75,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
             shutdown()
     world = DistWorld(rank, size, device, backend)
     try:
+        from svdfill.launch import fill_grid
+
+        grid = fill_grid.grid_model_dir(args.model)
+        if grid is not None:  # a grid run: every rank fills its own users around the ring
+            args.device = str(device)
+            return run_reporting_errors(lambda: fill_grid.main(args, grid, world))
         if is_dataset_path(args.out):  # every rank writes its part: no rank drives the others
             args.device = str(device)
             args.quiet = args.quiet or rank != 0

@@ -6,6 +6,9 @@ makes the same split; the items are then cut into W contiguous shards balanced b
 training rating counts, rank r trains item shard r and all its ratings, and the user table
 is kept in sync across ranks (DDP for autograd optimizers, summed deltas for Funk SGD).
 Only rank 0 writes; checkpoints hold full tables, so ``--resume`` works at any world size.
+With ``[dist] layout = "grid"`` each rank instead owns one block of users and one of items
+(:mod:`svdfill.train.grid_run`): no rank holds a full table or all the ratings, every rank
+writes its own blocks, and ``--resume`` re-blocks at any world size.
 Backend: ``dist.backend`` (auto = nccl on CUDA, gloo on CPU); ``--device cuda`` gives rank r
 the GPU ``cuda:LOCAL_RANK``. Without torchrun's environment it runs as one process.
 """

@@ -82,6 +82,40 @@ def test_sweep_matches_float64_brute_force(budget, alpha, beta):
     _assert_close(model, ref)
 
 
+@pytest.mark.parametrize("budget", [None, 200, 37])
+def test_grouped_augmented_equations_match_float64(budget):
+    """Each group's augmented Gram ``[Z, y]ᵀ[Z, y]`` (rows in ``group.rows`` order, rows
+    longer than one segment summed, groups within the budget) equals the float64 definition,
+    and the groups cover every rated row exactly once."""
+    from svdfill.kernels.als import (DEFAULT_BUDGET_ELEMENTS, group_equations, rating_plan,
+                                     side_features_augmented, side_groups)
+
+    model, u, i, r = _random_problem(3, 40, 25, 900, 5)
+    k = 6  # d = 5 factors and the bias
+    b = DEFAULT_BUDGET_ELEMENTS if budget is None else budget
+    plan = rating_plan(u.long(), i.long(), 40, 25, k, torch.device("cpu"), b)
+    mu = float(model.global_mean)
+    centered = torch.cat([r - mu, torch.zeros(1)])
+    Q = model.item_factors.detach()
+    bi = model.item_bias.detach()
+    feats = side_features_augmented(Q, bi)
+    groups = side_groups(plan.user_side, k, b)
+    assert side_groups(plan.user_side, k, b) is groups  # cached on the side
+    seen = torch.cat([g.rows for g in groups]).sort().values
+    assert torch.equal(seen, torch.unique(u.long()))
+    un, i64, r64 = u.numpy(), i.numpy(), r.double().numpy()
+    for g in groups:
+        assert len(g.chunks) == 1 or g.rows.numel() * (k + 1) ** 2 <= b
+        aug = group_equations(feats, centered, g, b).double().numpy()
+        for j, row in enumerate(g.rows.tolist()):
+            sel = un == row
+            z = np.concatenate([Q.double().numpy()[i64[sel]], np.ones((sel.sum(), 1)),
+                                (r64[sel] - mu - bi.double().numpy()[i64[sel]])[:, None]], 1)
+            want = z.T @ z
+            assert np.abs(aug[j] - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), row
+        assert np.array_equal(g.weight.numpy(), np.bincount(un, minlength=40)[g.rows.numpy()])
+
+
 def test_sweep_repeated_reuses_plan_and_stays_exact():
     """Several sweeps over the same index tensors (the trainer's pattern) match several
     brute-force sweeps; a plan built for one set of tensors is never used for another."""

@@ -28,9 +28,20 @@ def test_bench_fill_prints_one_table(capsys):
     p = argparse.ArgumentParser()
     bench_fill.add_arguments(p)
     assert bench_fill.main(p.parse_args(["--shape", "tiny", "--device", "cpu", "--dataloader-pairs", "5000",
-                                         "--peer", "implicit"])) == 0
+                                         "--peer", "implicit", "--profile-users", "200"])) == 0
     out = capsys.readouterr().out
     for row in ("per-pair DataLoader", "dense product + topk", "| fill_topk |", "fill_topk + Parquet export",
                 "implicit recommend"):
         assert row in out
     assert "× DataLoader" in out
+    # the per-phase profile, both selections timed on the same tiles
+    for phase in ("GEMM", "seen mask, numpy (now)", "numpy threshold (now)", "torch tile_topk (before)"):
+        assert phase in out
+
+
+def test_profile_fill_phases_cover_the_loop():
+    state = bench_fill.synthetic_model(300, 200, 4, seed=1)
+    seen = synthetic_seen(300, 200, 3000, seed=2)
+    prof = bench_fill.profile_fill(state, seen, 10, 250)
+    assert [p[0] for p in prof][:3] == ["GEMM [P_B, 1]·[Q, b]ᵀ", "μ + b_u add", "seen mask, numpy (now)"]
+    assert all(w >= 0 and c >= 0 for _, w, c in prof) and len(prof) == 6

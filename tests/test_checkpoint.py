@@ -12,6 +12,7 @@ import torch
 from svdfill import checkpoint as ck
 from svdfill.config import Config, apply_overrides, load_config
 from svdfill.data.idmap import IdMap
+from tests.s3_server import s3_bucket  # noqa: F401  (fixture)
 
 
 def _state(U=5, I=4, d=3):
@@ -158,3 +159,31 @@ def test_a_model_saved_before_the_solver_tables_loads(tmp_path):
     m = ck.load_model(tmp_path)
     assert m.config.train.gibbs.burn_in == 4 and m.config.train.gibbs.overrelax == -0.5
     assert m.config.train.als.reg_exponent == 0.6 and m.config.train.gibbs.warm_start == 3
+
+
+def test_model_read_from_s3_run_folder(tmp_path, s3_bucket, monkeypatch):
+    """`--model s3://bucket/runs/x` (or …/model.pt): the run's files come through pyarrow.fs
+    into a local cache, and the fill from there equals the fill of the local run."""
+    import pyarrow.parquet as pq
+
+    from svdfill.checkpoint import CheckpointError, load_model
+    from test_publish import _run
+    from test_torchrun import single_process_fill
+
+    bucket, fs = s3_bucket
+    monkeypatch.setenv("SVDFILL_CACHE", str(tmp_path / "cache"))
+    run = _run(tmp_path)
+    fs.create_dir(f"{bucket}/runs/x")
+    for f in run.iterdir():
+        with fs.open_output_stream(f"{bucket}/runs/x/{f.name}") as out:
+            out.write(f.read_bytes())
+    m = load_model(f"s3://{bucket}/runs/x")
+    assert m.path.parent.parent == tmp_path / "cache" / "runs"
+    assert torch.equal(m.state["user_factors"], load_model(run).state["user_factors"])
+    assert load_model(f"s3://{bucket}/runs/x/model.pt").path == m.path  # the same cache entry
+    got, ref = tmp_path / "remote.parquet", tmp_path / "local.parquet"
+    single_process_fill(f"s3://{bucket}/runs/x", got, "--k", "3")  # seen.pt came along
+    single_process_fill(run, ref, "--k", "3")
+    assert pq.read_table(got).equals(pq.read_table(ref))
+    with pytest.raises(CheckpointError, match=rf"s3://{bucket}/runs/none/model.pt: not found"):
+        load_model(f"s3://{bucket}/runs/none")

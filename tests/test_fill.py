@@ -12,6 +12,7 @@ a float tolerance (the fused kernel's tolerances: test_triton_fill.py).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -308,6 +309,47 @@ def test_memory_budget_tiles_and_item_offset(device):
     got = fill_topk(*to_dev(device, P, Q, bu, bi), mu, k, to_dev(device, *seen), memory_budget=1 << 20,
                     item_offset=1000)
     assert_topk_exact(got, topk_reference(P, Q, bu, bi, mu, k, seen), item_offset=1000)
+
+
+@pytest.mark.parametrize("n_users,n_items,k", [(613, 1003, 100), (97, 3001, 100), (41, 257, 200)])
+def test_cpu_threshold_selection_exact_on_wide_catalogues(n_users, n_items, k):
+    """The CPU path (threshold from group maxima, numpy sort) on catalogues wide enough to
+    use it, dyadic inputs full of ties, users who saw everything, nothing, or all but fewer
+    than k items; default blocks and cache-sized ones, against the float64 brute force."""
+    rng = np.random.default_rng(n_users + n_items)
+    P, Q, bu, bi, mu, _, mask = make_inputs(rng, n_users, n_items, d=6, seen_p=0.2,
+                                            full_users=(0,), empty_users=(1,))
+    mask[2] = True
+    mask[2, rng.choice(n_items, k // 2, replace=False)] = False  # fewer unseen items than k
+    seen = csr_from_mask(mask)
+    want = topk_reference(P, Q, bu, bi, mu, k, seen)
+    for opts in ({}, dict(user_block=64), dict(memory_budget=1 << 20)):
+        assert_topk_exact(fill_topk(P, Q, bu, bi, mu, k, seen, **opts), want)
+    assert_topk_exact(fill_topk(P, Q, bu, bi, mu, n_items + 3, seen),
+                      topk_reference(P, Q, bu, bi, mu, n_items + 3, seen))
+
+
+def test_cpu_selection_equals_the_torch_tiles_on_gaussian_scores():
+    """Gaussian scores (ties only by rounding): select_topk (numpy threshold path, rows
+    split over threads) returns tile_topk's values and items bit for bit, and the fill does
+    not depend on the user blocking (a one-row last block included)."""
+    from svdfill.kernels.topk import tile_topk
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(1500, 2999, generator=g)
+    s.view(-1)[torch.randint(0, s.numel(), (s.numel() // 10,), generator=g)] = float("-inf")
+    with ThreadPoolExecutor(2) as pool:
+        for k in (1, 100, 2998):
+            got, want = F.select_topk(s, k, pool), tile_topk(s, k)
+            # −inf entries (seen items) become padding in the fill: their order is free
+            live = torch.isfinite(want[0])
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1][live], want[1][live])
+    rng = np.random.default_rng(12)
+    P, Q, bu, bi, mu, seen, _ = make_inputs(rng, 257, 1500, d=16, dyadic=False, seen_p=0.1)
+    ref = fill_topk(P, Q, bu, bi, mu, 50, seen)
+    for block in (2, 16, 128):  # 257 = 2·128 + 1: the last block of one row starts early
+        got = fill_topk(P, Q, bu, bi, mu, 50, seen, user_block=block)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 def test_tile_sizes_never_exceed_budget():

@@ -6,8 +6,6 @@ with another number of ranks, a folder holding other files or a file as folder a
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -148,3 +146,122 @@ def test_torchrun_w2_parts_kill9_resume_and_another_w_refused(run, tmp_path):
     assert fill(*args(run, f"{out}/"), "--restart") == 0
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "part-00000.parquet"]
     assert pads.dataset(out, format="parquet").to_table().equals(ref)
+
+
+# ------------------------------------------------------------------- the grid layout's parts
+# fill.dataset.export_grid_dataset: rank r writes its own user block's part from the ring
+# fill (fill.grid_fill); the parts read back are the single file row for row.
+
+G_U, G_I, G_K, G_BLOCK = 29, 17, 5, 4
+G_BOUNDS = {1: ([(0, G_U)], [(0, G_I)]),
+            3: ([(0, 11), (11, 11), (11, G_U)], [(0, 6), (6, 7), (7, G_I)])}
+
+
+def grid_model():
+    import torch
+
+    from reference import dyadic, random_csr
+    from svdfill.data.idmap import IdMap
+
+    g = torch.Generator().manual_seed(5)
+    st = {"user_factors": dyadic((G_U, 3), g, scale=1, lo=-2, hi=3),
+          "item_factors": dyadic((G_I, 3), g, scale=1, lo=-2, hi=3),
+          "user_bias": dyadic((G_U,), g), "item_bias": dyadic((G_I,), g),
+          "global_mean": torch.tensor(3.25)}
+    st["item_factors"][6], st["item_bias"][6] = st["item_factors"][5], st["item_bias"][5]  # a tie
+    seen = random_csr(G_U, G_I, torch.Generator().manual_seed(6), full_rows=(2,))
+    idmap = IdMap(np.arange(G_U, dtype=np.int64) * 10 + 7, np.arange(G_I, dtype=np.int64) + 100)
+    return st, seen, idmap
+
+
+def _grid_export_rank(rank, W, out):
+    from types import SimpleNamespace
+
+    import torch
+
+    from svdfill.distributed.ring import Ring
+    from svdfill.distributed.world import DistWorld, World
+    from svdfill.fill.dataset import export_grid_dataset
+    from svdfill.kernels.topk import csr_slice
+
+    st, seen, idmap = grid_model()
+    ub, ib = G_BOUNDS[W]
+    (u_lo, u_hi), (i_lo, i_hi) = ub[rank], ib[rank]
+    tables = {"user_factors": st["user_factors"][u_lo:u_hi], "user_bias": st["user_bias"][u_lo:u_hi],
+              "item_factors": st["item_factors"][i_lo:i_hi], "item_bias": st["item_bias"][i_lo:i_hi],
+              "global_mean": st["global_mean"]}
+    if W > 1:
+        import torch.distributed as dist
+
+        def all_gather(obj):
+            box = [None] * W
+            dist.all_gather_object(box, obj)
+            return box
+    else:
+        def all_gather(obj):
+            return [obj]
+    ring = Ring(DistWorld(rank, W, torch.device("cpu"), "gloo") if W > 1 else World())
+    layout = SimpleNamespace(n_users=G_U, n_items=G_I, user_bounds=ub, item_bounds=ib)
+    return export_grid_dataset(tables, idmap, out, layout=layout, rank=rank, ring=ring,
+                               all_gather=all_gather, k=G_K, seen=csr_slice(*seen, u_lo, u_hi),
+                               user_block=G_BLOCK, quiet=True)
+
+
+def single_file(tmp_path):
+    from svdfill.fill.export import export_fill
+
+    st, seen, idmap = grid_model()
+    path = tmp_path / "single.parquet"
+    export_fill(st, idmap, path, k=G_K, seen=seen, user_block=G_BLOCK, quiet=True)
+    return pq.read_table(path)
+
+
+def rows_of_users(ref, lo: int, hi: int) -> int:
+    """Rows of the single file for contiguous users [lo, hi) (raw id = 10·u + 7)."""
+    u = (ref.column("user_id").to_numpy() - 7) // 10
+    return int(((u >= lo) & (u < hi)).sum())
+
+
+def check_grid_dataset(out: Path, W: int, ref) -> None:
+    got = pads.dataset(out, format="parquet").to_table()
+    assert got.num_rows == ref.num_rows > 0 and got.equals(ref)  # row for row, ties included
+    m = read_manifest(out)
+    assert [p["users"] for p in m["parts"]] == [list(b) for b in G_BOUNDS[W][0]]
+    assert [p["rank"] for p in m["parts"]] == list(range(W))
+    assert m["rows"] == ref.num_rows and m["n_users"] == G_U and m["k"] == G_K
+    for p in m["parts"]:
+        assert p["rows"] == rows_of_users(ref, *p["users"])
+        assert p["rows"] == pq.ParquetFile(out / p["file"]).metadata.num_rows
+
+
+def test_grid_one_process_equals_single_file_and_resumes(tmp_path, monkeypatch):
+    import svdfill.fill.dataset as ds
+
+    ref = single_file(tmp_path)
+    out = tmp_path / "grid"
+
+    def killed(b, rank=0):
+        if b == 2:
+            raise KeyboardInterrupt  # the process dies after its third block is on disk
+    monkeypatch.setattr(ds, "_test_kill_hook", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _grid_export_rank(0, 1, f"{out}/")
+    assert not (out / MANIFEST).exists()
+    monkeypatch.undo()
+    s = _grid_export_rank(0, 1, f"{out}/")
+    assert s["resumed_blocks"] == 3 and s["rows_computed"] == rows_of_users(ref, 3 * G_BLOCK, G_U)
+    check_grid_dataset(out, 1, ref)
+
+
+@pytest.mark.multiprocess
+def test_grid_three_ranks_each_write_their_users(tmp_path):
+    from multiprocess_harness import run_ranks
+
+    ref = single_file(tmp_path)
+    out = tmp_path / "grid3"
+    sums = run_ranks(_grid_export_rank, 3, f"{out}/")
+    check_grid_dataset(out, 3, ref)
+    d = 3
+    for s in sums:  # every item block passes each rank once: Q rows and b_i
+        assert s["ring_bytes_sent"] == G_I * (d + 1) * 4
+    assert [s["rows_computed"] for s in sums] == [rows_of_users(ref, *b) for b in G_BOUNDS[3][0]]

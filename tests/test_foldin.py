@@ -239,3 +239,59 @@ def test_foldin_accuracy_ml100k(ml100k_path, tmp_path):
     # other seeds and BLAS rounding, and is still well under the ~0.1 that separates these
     # models from the bias-only baseline.
     assert f <= j + 0.02
+
+
+def test_cli_fill_with_foldin_option_equals_foldin_then_fill(tmp_path, capsys):
+    """`svdfill fill --foldin NEW` folds in and fills for the folded users only: the rows equal
+    `svdfill foldin` followed by `svdfill fill --users` of those users; `--users` picks any
+    users of the extended model instead; the fold-in file keys the resume."""
+    run = _model_run(tmp_path)
+    new = _write_tsv(tmp_path / "new.data", [(7, 100, 5, 1), (7, 101, 4, 2), (7, 777, 3, 3),
+                                              (12, 102, 1, 4), (99, 103, 2, 5)])
+    direct = tmp_path / "direct.parquet"
+    assert cli_main(["fill", "--model", str(run), "--foldin", str(new), "--out", str(direct),
+                     "--k", "6", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "folded in 3 users (2 new, 1 refit)" in cap.err and "of 3 users" in cap.out
+    assert cli_main(["foldin", "--model", str(run), "--ratings", str(new), "--out",
+                     str(tmp_path / "run2"), "--quiet"]) == 0
+    users = tmp_path / "users.txt"
+    users.write_text("7\n12\n99\n")
+    ref = tmp_path / "ref.parquet"
+    assert cli_main(["fill", "--model", str(tmp_path / "run2"), "--users", str(users), "--out",
+                     str(ref), "--k", "6", "--quiet", "--device", "cpu"]) == 0
+    got, want = pq.read_table(direct), pq.read_table(ref)
+    assert got.column_names == want.column_names
+    for c in got.column_names:
+        assert got.column(c).to_pylist() == want.column(c).to_pylist(), c
+    assert pq.read_schema(direct).metadata[b"svdfill.foldin_sha256"]
+    assert not {100, 101} & set(got.to_pandas().query("user_id == 7")["item_id"])
+
+    some = tmp_path / "some.txt"
+    some.write_text("99\n10\n")  # a folded-in user and an old one
+    picked = tmp_path / "picked.parquet"
+    assert cli_main(["fill", "--model", str(run), "--foldin", str(new), "--users", str(some),
+                     "--out", str(picked), "--k", "6", "--quiet", "--device", "cpu"]) == 0
+    assert pq.read_table(picked).column("user_id").to_pylist() == [99] * 6 + [10] * 6
+
+
+@pytest.mark.multiprocess
+def test_fill_with_foldin_under_torchrun_equals_one_process(tmp_path):
+    """Every torchrun rank folds the same users in (deterministic), so the item shards are
+    of the same tables: the file equals the one-process `fill --foldin`."""
+    from test_torchrun import svdfill_cli
+
+    run = _model_run(tmp_path, n_users=40, n_items=31)
+    new = _write_tsv(tmp_path / "new.data", [(7, 100, 5, 1), (7, 101, 4, 2), (12, 102, 1, 4),
+                                              (99, 103, 2, 5), (99, 120, 4, 6)])
+    one = tmp_path / "one.parquet"
+    assert cli_main(["fill", "--model", str(run), "--foldin", str(new), "--out", str(one),
+                     "--k", "5", "--quiet", "--device", "cpu"]) == 0
+    two = tmp_path / "two.parquet"
+    svdfill_cli("fill", "--model", run, "--foldin", new, "--out", two, "--k", "5", "--quiet",
+                "--device", "cpu", "--launcher", "torchrun", "--nproc", "2")
+    a, b = pq.read_table(one), pq.read_table(two)
+    for c in ("user_id", "item_id", "rank"):
+        assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+    np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), rtol=1e-6)
+    assert sorted(set(a.column("user_id").to_pylist())) == [7, 12, 99]

@@ -92,6 +92,17 @@ def test_conditional_means_match_float64_reference(budget, device):
     # the user without ratings is untouched
     assert torch.equal(own_f[n_users - 1], P[n_users - 1]) and own_b[n_users - 1] == bu[n_users - 1]
     assert fit == pytest.approx(want_fit, rel=1e-4, abs=1e-3)
+    # with_targets: the residual sum of squares Σ (y − Z x)² of the new draws, for α's update
+    own_f, own_b = P.clone().to(device), bu.clone().to(device)
+    sse = sample_side(own_f, own_b, Q.to(device), bi.to(device), centered, plan.user_side,
+                      alpha=alpha, prior_mean=torch.from_numpy(mean),
+                      prior_prec=torch.from_numpy(prec), bias_prec=tau,
+                      generator=torch.Generator(device=device).manual_seed(5), with_targets=True,
+                      **({} if budget is None else {"budget": budget}))
+    own_f, own_b = own_f.cpu().double().numpy(), own_b.cpu().double().numpy()
+    want_sse = sum(float(((y - z @ np.concatenate([own_f[row], [own_b[row]]])) ** 2).sum())
+                   for row, (_x, _a, z, y) in ref.items())
+    assert sse == pytest.approx(want_sse, rel=1e-4)
 
 
 def _shared_conditional(g):

@@ -44,8 +44,12 @@ def _one_process(data: DataConfig, world_size: int):
     from svdfill.data.split import split
     from svdfill.distributed.sharding import balanced_shards, item_counts
 
+    from svdfill.config import parse_split_time
+
     ratings, idmap = load_dataset(data)
-    train, val = split(ratings, how=data.split, fraction=data.val_fraction, seed=data.split_seed)
+    cutoff = parse_split_time(data.split_time) if data.split_time != "" else None
+    train, val = split(ratings, how=data.split, fraction=data.val_fraction, seed=data.split_seed,
+                       cutoff=cutoff)
     shards = balanced_shards(item_counts(train.items, train.n_items), world_size)
     per_rank = []
     for lo, hi in shards:
@@ -55,8 +59,19 @@ def _one_process(data: DataConfig, world_size: int):
     return idmap, shards, per_rank, seen
 
 
-def _check_same(data: DataConfig, world_size: int):
-    got = run_ranks(_rank_read, world_size, data, timeout=180)
+def _rank_read_many(rank: int, world_size: int, datas: list):
+    return [_rank_read(rank, world_size, d) for d in datas]
+
+
+def _check_same_many(datas: list, world_size: int):
+    """:func:`_check_same` of several configs with one group of ranks (one spawn)."""
+    got = run_ranks(_rank_read_many, world_size, datas, timeout=300)
+    return [_check_same(d, world_size, [g[j] for g in got]) for j, d in enumerate(datas)]
+
+
+def _check_same(data: DataConfig, world_size: int, got=None):
+    if got is None:
+        got = run_ranks(_rank_read, world_size, data, timeout=180)
     idmap, shards, per_rank, seen = _one_process(data, world_size)
     assert got[0]["seen"] is not None and all(g["seen"] is None for g in got[1:])
     for have, want in zip(got[0]["seen"], seen):
@@ -152,9 +167,44 @@ def test_a_bad_rating_on_the_second_rank_stops_every_rank(tmp_path):
 
 
 def test_unsupported_settings_say_why():
-    from svdfill.distributed.ingest import supported
+    from svdfill.distributed.ingest import needs_user_pass, supported
 
     assert supported(DataConfig(path="x")) is None
-    assert "per_user" in supported(DataConfig(path="x", split="per_user"))
-    assert "mean" in supported(DataConfig(path="x", dedupe="mean"))
+    assert supported(DataConfig(path="x", split="per_user", dedupe="mean")) is None
     assert "synthetic" in supported(DataConfig())
+    assert not needs_user_pass(DataConfig(path="x"))
+    assert needs_user_pass(DataConfig(path="x", split="time"))
+    assert needs_user_pass(DataConfig(path="x", dedupe="last"))
+
+
+def test_ml100k_user_splits_per_rank_match_one_process(ml100k_path):
+    """per_user and time splits (each user's latest by timestamp, or a global cut-off) drawn
+    on the rank that received each user's ratings: exactly the one-process split."""
+    datas = [DataConfig(path=str(ml100k_path), format="ml-100k", split=split, split_time=when,
+                        val_fraction=0.15, split_seed=4)
+             for split, when in [("per_user", ""), ("time", ""), ("time", "1998-01-01")]]
+    for got in _check_same_many(datas, 3):
+        assert all(g["n"] == 100_000 for g in got)
+
+
+def test_duplicates_resolved_per_rank_match_one_process(tmp_path):
+    """data.dedupe = last | mean with duplicates spread over the ranks' shares (and a pair
+    repeated three times): the survivors, their positions in the deduplicated dataset and
+    so the split equal one process's."""
+    d = tmp_path / "dups"
+    d.mkdir()
+    rng = np.random.default_rng(8)
+    rows = [(int(rng.integers(0, 50)), int(rng.integers(0, 30)), int(rng.integers(1, 6)),
+             int(rng.integers(0, 1000))) for _ in range(2400)]
+    rows += [rows[5], rows[5], rows[1200], rows[-1]]  # repeats, later in the file
+    rows = [(u, i, r if k % 7 else 5 - r + 1, t) for k, (u, i, r, t) in enumerate(rows)]
+    for j, chunk in enumerate(np.array_split(np.arange(len(rows)), 3)):
+        (d / f"part-{j}.csv").write_text("user,item,rating,timestamp\n" + "".join(
+            f"{rows[k][0]},{rows[k][1]},{rows[k][2]},{rows[k][3]}\n" for k in chunk))
+    from svdfill.data.dataset import load_dataset
+
+    datas = [DataConfig(path=str(d), dedupe=dedupe, split=split, val_fraction=0.2, split_seed=1)
+             for dedupe, split in [("last", "random"), ("mean", "per_user"), ("mean", "time")]]
+    for data, got in zip(datas, _check_same_many(datas, 2)):
+        n_one = len(load_dataset(data)[0])
+        assert n_one < len(rows) and all(g["n"] == n_one for g in got)

@@ -280,3 +280,51 @@ def test_export_matches_api_on_a_catalogue_of_ml100k_size(tmp_path):
     assert np.array_equal(t.column("score").to_numpy().reshape(n, 10), s.numpy())
     _, want_i = similar_reference(Q, 10, "cosine")
     assert (i == want_i).float().mean() > 0.99
+
+
+# ------------------------------------------------------------------ at scale: torchrun and Ray
+
+def _one_process_similar(run, out, *argv):
+    assert run_cli("--model", str(run), "--out", str(out), "--device", "cpu", "--quiet", *argv) == 0
+    return pq.read_table(out)
+
+
+@pytest.mark.multiprocess
+def test_torchrun_w2_writes_the_one_process_file(tmp_path):
+    """`svdfill similar --launcher torchrun --nproc 2`: two item shards of the neighbour table,
+    rank 0 merges and writes; rows and metadata equal the one-process export's."""
+    from test_torchrun import svdfill_cli
+
+    run, _, _ = make_run(tmp_path, n_items=53)  # ragged shards (27 + 26)
+    got = tmp_path / "tr.parquet"
+    p = svdfill_cli("similar", "--model", run, "--out", got, "--k", "6", "--metric", "cosine",
+                    "--launcher", "torchrun", "--nproc", "2")
+    assert "neighbours of 53 items" in p.stdout and "with 2 item shards" in p.stdout, p.stdout
+    want = _one_process_similar(run, tmp_path / "one.parquet", "--k", "6")
+    assert rows_of(pq.read_table(got)) == rows_of(want)
+    md_got, md_want = pq.read_schema(got).metadata, pq.read_schema(tmp_path / "one.parquet").metadata
+    assert md_got[b"svdfill.n_query_items"] == md_want[b"svdfill.n_query_items"] == b"53"
+
+
+@pytest.mark.multiprocess
+def test_ray_actors_write_the_one_process_file(tmp_path, request):
+    """`python -m svdfill.launch.ray_job similar` on a local Ray cluster: 2 actors, each one
+    item shard of the neighbour table; the file equals the one-process export."""
+    from ray_helpers import ray_env, shared_head
+
+    head = shared_head(request)
+    run, _, _ = make_run(tmp_path, n_items=41, str_items=False)
+    got = tmp_path / "ray.parquet"
+    items_file = tmp_path / "items.txt"
+    items_file.write_text("".join(f"{500 + 7 * i}\n" for i in (40, 3, 17, 0)))
+    cmd = [sys.executable, "-m", "svdfill.launch.ray_job", "similar", "--model", str(run),
+           "--k", "4", "--metric", "dot", "--items", str(items_file), "--out", str(got),
+           "--num-actors", "2", "--address", head.gcs_address, "--device", "cpu"]
+    p = subprocess.run(cmd, env=ray_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "from node 127.0.0.1" in p.stdout
+    want = _one_process_similar(run, tmp_path / "one.parquet", "--k", "4", "--metric", "dot",
+                                "--items", str(items_file))
+    assert rows_of(pq.read_table(got)) == rows_of(want)
+    assert [r[0] for r in rows_of(want)[::4]] == [780, 521, 619, 500]  # file order kept

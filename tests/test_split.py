@@ -287,3 +287,38 @@ def test_time_split_makes_every_rank_read_everything():
     from svdfill.distributed.ingest import supported
 
     assert "timestamps" in supported(DataConfig(path="x", split="time"))
+
+
+def test_draws_at_equals_the_whole_stream_in_any_chunking():
+    from svdfill.data.split import _draws_at, _rng
+
+    pos = np.array([0, 3, 4, 10, 11, 12, 99], dtype=np.int64)
+    whole = _rng(5).random(100)[pos]
+    for chunk in (1, 7, 13, 100, 1 << 22):
+        assert np.array_equal(_draws_at(_rng(5), 100, pos, chunk=chunk), whole)
+
+
+@pytest.mark.parametrize("how,cutoff", [("random", None), ("per_user", None), ("time", None),
+                                        ("time", 40)])
+def test_user_split_mask_on_whole_users_equals_the_one_process_mask(how, cutoff):
+    """A rank holding every rating of some users (as after routing by user) computes exactly
+    the one-process hold-out at those ratings' positions."""
+    import torch
+
+    from svdfill.data.dataset import Ratings
+    from svdfill.data.split import split_indices, user_split_mask
+
+    g = np.random.default_rng(11)
+    n, n_users = 4000, 257
+    users = (g.zipf(1.6, n) % n_users).astype(np.int64)  # skewed: some users with many ratings
+    ts = g.integers(0, 60, n).astype(np.int64)  # many equal times: file order breaks ties
+    r = Ratings(torch.from_numpy(users.astype(np.int32)), torch.zeros(n, dtype=torch.int32),
+                torch.ones(n), n_users, 1, torch.from_numpy(ts))
+    _, val = split_indices(r, how=how, fraction=0.2, seed=3, cutoff=cutoff)
+    full = np.zeros(n, dtype=bool)
+    full[val.numpy()] = True
+    for owner in range(3):  # users routed to 3 ranks by id
+        pos = np.flatnonzero(users % 3 == owner).astype(np.int64)
+        got = user_split_mask(how, users[pos], pos, n, n_users, fraction=0.2, seed=3,
+                              timestamps=ts[pos], cutoff=cutoff)
+        assert np.array_equal(got, full[pos]), (how, owner)

@@ -30,6 +30,8 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
     rank its item shard from the training ratings' per-item counts
     (:func:`svdfill.distributed.sharding.shard_by_rating_counts`).
     data: ``(ratings, idmap)`` already loaded (skips reading ``cfg.data``).
+    ``cfg.dist.layout = "grid"``: :func:`svdfill.train.grid_run.run_grid_training` instead
+    (``reshard`` unused; the run directory holds ``grid_model/`` instead of ``model.pt``).
     Writes (main rank): ``config.toml`` first, then checkpoints and ``metrics.jsonl`` while
     training, then ``seen.pt``, ``model.pt`` and last ``summary.json``. On failure the
     final outputs of this attempt are removed; the checkpoint stays for ``--resume``, and
@@ -41,6 +43,11 @@ def run_training(cfg: Config, run_dir: str | os.PathLike, *, world: World | None
 
     run_dir = Path(run_dir)
     w0 = world if world is not None else World(device=torch.device(cfg.train.device))
+    if cfg.dist.layout == "grid":  # blocks of users and items per rank: its own job
+        from svdfill.train.grid_run import run_grid_training
+
+        return run_grid_training(cfg, run_dir, world=w0, resume=resume, overwrite=overwrite,
+                                 quiet=quiet, log=log, data=data)
     action = w0.broadcast_object(prepare_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
                                  if w0.is_main else None)
     if action == "done":

@@ -1,0 +1,157 @@
+"""``svdfill fill`` on a grid run (trained with ``[dist] layout = "grid"``): the ring fill.
+
+A grid run keeps its model as ``RUN/grid_model/`` (``layout.json``, one ``model`` and one
+``seen`` file per rank, ``idmap.pt``; :mod:`svdfill.distributed.grid_checkpoint`). Every
+rank loads only its user block and its item block (re-blocked from the saved files when
+the fill runs at another W), the item blocks visit every rank around a ring
+(:func:`svdfill.fill.grid_fill.grid_topk`) and each rank writes its own users' part of the
+dataset (:func:`svdfill.fill.dataset.export_grid_dataset`): ``--out DIR/`` only, since a
+single file would need one writer holding every user's lists. Called by
+:func:`svdfill.launch.cmd_fill.main` (one process) and by every torchrun rank
+(:mod:`svdfill.launch.torchrun_fill`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+
+GRID_MODEL_DIR = "grid_model"
+
+
+def grid_model_dir(model: str) -> Path | None:
+    """The grid model folder of ``--model`` (a run directory holding ``grid_model/``, or the
+    folder itself), or None for a one-table model."""
+    p = Path(model)
+    for d in (p / GRID_MODEL_DIR, p):
+        if (d / "layout.json").is_file():
+            return d
+    return None
+
+
+def load_grid_seen(mdir: Path, saved, lo: int, hi: int, which: str = "all"):
+    """Seen CSR of users ``[lo, hi)`` (rows local, GLOBAL item ids) from the per-rank
+    ``seen`` files of the saved layout ``saved`` (only the overlapping ones are read)."""
+    from svdfill.checkpoint import CheckpointError
+    from svdfill.distributed.grid_checkpoint import rank_file
+    from svdfill.kernels.topk import csr_slice
+
+    ptrs, idxs, base = [torch.zeros(1, dtype=torch.int64)], [], 0
+    for r, (a, b) in enumerate(saved.user_bounds):
+        s, e = max(a, lo), min(b, hi)
+        if s >= e:
+            continue
+        path = mdir / rank_file("seen", r, saved.world_size)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing seen file of the grid model") from None
+        ip, ix = csr_slice(obj[f"{which}_indptr"].to(torch.int64), obj[f"{which}_indices"],
+                           s - a, e - a)
+        ptrs.append(ip[1:] + base)
+        idxs.append(ix.clone())
+        base += int(ip[-1])
+    indices = torch.cat(idxs) if idxs else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(ptrs), indices
+
+
+def _model_sha256(mdir: Path, saved, rank: int, size: int, all_gather) -> str:
+    """One hash of the saved model: each rank hashes a share of the files, rank order."""
+    from svdfill.distributed.grid_checkpoint import LAYOUT_FILE, rank_file
+    from svdfill.launch.cmd_fill import file_sha256
+
+    files = [LAYOUT_FILE] + [rank_file("model", r, saved.world_size)
+                             for r in range(saved.world_size)]
+    mine = {f: file_sha256(mdir / f) for n, f in enumerate(files) if n % size == rank}
+    every = {}
+    for part in all_gather(mine):
+        every.update(part)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f}:{every[f]}\n".encode())
+    return h.hexdigest()
+
+
+def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
+    """The grid fill of ``args`` (``svdfill fill`` options) on this rank of ``world``
+    (``None``: one process)."""
+    from svdfill.data.idmap import IdMap
+    from svdfill.distributed.grid import GridLayout, grid_bounds
+    from svdfill.distributed.grid_checkpoint import load_grid_block, read_layout
+    from svdfill.distributed.ring import Ring
+    from svdfill.distributed.world import World
+    from svdfill.fill.dataset import export_grid_dataset, is_dataset_path
+    from svdfill.fill.export import RANK_MAX
+    from svdfill.kernels.fill import device_dtype
+    from svdfill.launch.cmd_fill import resolve_device, warn
+    from svdfill.launch.errors import UserError
+
+    world = world or World()
+    rank, W = world.rank, world.world_size
+    for opt, name in ((args.full, "--full"), (args.users, "--users"),
+                      (getattr(args, "foldin", None), "--foldin"),
+                      (args.items_allow or args.items_deny or args.exclude,
+                       "--items-allow/--items-deny/--exclude")):
+        if opt:
+            raise UserError(f"{name} is not supported on a grid model ({mdir}) yet")
+    if not is_dataset_path(args.out) or "://" in str(args.out):
+        raise UserError(f"--out {args.out}: a grid model fills into a local dataset folder (give "
+                        f"--out DIR/): each rank writes its own users' part")
+    rec = read_layout(mdir)
+    saved = rec["layout"]
+    n_users, n_items = saved.n_users, saved.n_items
+    layout = saved if saved.world_size == W else GridLayout(
+        n_users, n_items, grid_bounds(n_users, W), grid_bounds(n_items, W))
+    fcfg = (rec.get("config") or {}).get("fill", {})
+    k = int(fcfg.get("k", 100) if args.k is None else args.k)
+    if k > n_items:
+        if not args.quiet and rank == 0:
+            warn(f"--k {k} is more than the model's {n_items} items: using k = {n_items}")
+        k = n_items
+    if k > RANK_MAX:
+        raise UserError(f"--k {k}: ranks are int16, so k is at most {RANK_MAX}")
+    exclude = bool(fcfg.get("exclude_seen", True)) if args.exclude_seen is None else args.exclude_seen
+    device = resolve_device(args.device if args.device is not None else
+                            (None if fcfg.get("device", "cpu") == "cpu" else fcfg["device"]))
+    if W > 1:
+        device = world.device
+    dtype = args.dtype or fcfg.get("dtype", "float32")
+    if args.dtype is None and device_dtype(dtype, device) != dtype:
+        dtype = device_dtype(dtype, device)
+    budget_mb = args.memory_budget_mb if args.memory_budget_mb is not None else fcfg.get("memory_budget_mb", 0)
+    block = args.user_block if args.user_block is not None else (fcfg.get("user_block") or None)
+
+    (u_lo, u_hi) = layout.user_bounds[rank]
+    tables = load_grid_block(mdir, "model", layout, rank)
+    tables["global_mean"] = float(rec["global_mean"])
+    seen = load_grid_seen(mdir, saved, u_lo, u_hi) if exclude else None
+    idmap = IdMap.from_state(torch.load(mdir / rec.get("idmap", "idmap.pt"), weights_only=True))
+
+    if W > 1:
+        import torch.distributed as dist
+
+        def all_gather(obj):
+            out = [None] * W
+            dist.all_gather_object(out, obj)
+            return out
+    else:
+        def all_gather(obj):
+            return [obj]
+    prov = {"model_sha256": _model_sha256(mdir, saved, rank, W, all_gather)}
+    ring = Ring(world)
+    summary = export_grid_dataset(tables, idmap, args.out, layout=layout, rank=rank, ring=ring,
+                                  all_gather=all_gather, k=k, seen=seen, device=device,
+                                  dtype=dtype, memory_budget=budget_mb * 2**20 if budget_mb else None,
+                                  user_block=block, restart=args.restart,
+                                  quiet=args.quiet or rank != 0, provenance=prov)
+    sent = all_gather(summary["ring_bytes_sent"])
+    if rank == 0 and not args.quiet:
+        resumed = (f", {summary['resumed_blocks']} finished blocks kept"
+                   if summary["resumed_blocks"] else "")
+        print(f"svdfill: wrote top-{k} of {summary['users']:,} users to {summary['path']} "
+              f"({summary['parts']} part(s) of a grid of {W}, {summary['blocks']} row groups"
+              f"{resumed}; ring sent {max(sent):,} B/rank max) in {summary['seconds']:.1f} s")
+    return 0

@@ -1,0 +1,152 @@
+"""fill.grid_fill: the ring fill (item blocks visiting each rank's user block, running top-k
+merged per visit) equals the float64 brute force and the one-process fill_topk bit for bit,
+ties included (duplicate items on both sides of block borders), at W = 1, 2, 3 with ragged
+and empty blocks, seen items excluded; each rank sends every item block once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiprocess_harness import run_ranks
+from reference import assert_topk_exact, dyadic, random_csr, topk_reference
+from svdfill.distributed.ring import Ring
+from svdfill.distributed.world import DistWorld, World
+from svdfill.fill.grid_fill import grid_topk
+from svdfill.kernels.fill import fill_topk
+from svdfill.kernels.topk import csr_slice
+
+U, I, D = 37, 23, 4
+BOUNDS = {1: ([(0, U)], [(0, I)]),
+          2: ([(0, 20), (20, U)], [(0, 1), (1, I)]),
+          3: ([(0, 12), (12, 12), (12, U)], [(0, 10), (10, 11), (11, I)])}
+TWINS = [(9, 10), (10, 11), (0, 1), (3, 15), (2, 22)]  # (a, b): item b scores as item a
+
+
+def state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q = dyadic((I, D), g, scale=1, lo=-2, hi=3)
+    bi = dyadic((I,), g)
+    for a, b in TWINS:  # ties across the block borders of every W above
+        Q[b], bi[b] = Q[a], bi[a]
+    return {"user_factors": dyadic((U, D), g, scale=1, lo=-2, hi=3), "item_factors": Q,
+            "user_bias": dyadic((U,), g), "item_bias": bi, "global_mean": 3.5}
+
+
+def seen_csr():
+    return random_csr(U, I, torch.Generator().manual_seed(1), full_rows=(7,), empty_rows=(3,))
+
+
+def _grid_rank(rank, W, k, with_seen):
+    return _grid_cases(rank, W, [(k, with_seen)])[0]
+
+
+def _grid_cases(rank, W, cases):
+    return [_one_case(rank, W, k, with_seen) for k, with_seen in cases]
+
+
+def _one_case(rank, W, k, with_seen):
+    st = state()
+    (u_lo, u_hi), (i_lo, i_hi) = BOUNDS[W][0][rank], BOUNDS[W][1][rank]
+    seen = csr_slice(*seen_csr(), u_lo, u_hi) if with_seen else None
+    ring = Ring(DistWorld(rank, W, torch.device("cpu"), "gloo") if W > 1 else World())
+    s, i = grid_topk(st["user_factors"][u_lo:u_hi], st["user_bias"][u_lo:u_hi],
+                     st["item_factors"][i_lo:i_hi], st["item_bias"][i_lo:i_hi], i_lo,
+                     BOUNDS[W][1], st["global_mean"], k, seen, ring)
+    return s.numpy(), i.numpy(), ring.bytes_sent
+
+
+def check(W, results, k, with_seen):
+    st = state()
+    seen = seen_csr() if with_seen else None
+    ref = topk_reference(st["user_factors"], st["item_factors"], st["user_bias"],
+                         st["item_bias"], st["global_mean"], k, seen)
+    one = fill_topk(st["user_factors"], st["item_factors"], st["user_bias"], st["item_bias"],
+                    st["global_mean"], k, seen)
+    s = torch.cat([torch.from_numpy(r[0]) for r in results])
+    i = torch.cat([torch.from_numpy(r[1]) for r in results])
+    assert s.shape == (U, k)
+    assert_topk_exact((s, i), ref)
+    assert torch.equal(s, one[0]) and torch.equal(i, one[1])
+    # the ties are really there: some user ranks a twin pair next to each other
+    pairs = {tuple(sorted(p)) for p in TWINS}
+    adjacent = {tuple(sorted((int(a), int(b)))) for row in i for a, b in zip(row[:-1], row[1:])}
+    assert pairs & adjacent
+    if W > 1:  # every item block passes through every rank once
+        for _, _, sent in results:
+            assert sent == I * (D + 1) * 4
+
+
+@pytest.mark.parametrize("k,with_seen", [(5, True), (I + 3, True), (8, False)])
+def test_one_process(k, with_seen):
+    check(1, [_grid_rank(0, 1, k, with_seen)], k, with_seen)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("W", [2, 3])
+def test_ring_fill_equals_one_process_fill(W):
+    cases = [(5, True), (I + 3, False)]
+    per_rank = run_ranks(_grid_cases, W, cases)
+    for c, (k, with_seen) in enumerate(cases):
+        check(W, [r[c] for r in per_rank], k, with_seen)
+
+
+# ---------------------------------------------------------- `svdfill fill` on a grid run
+# launch.fill_grid: a grid model folder (saved at W = 3) filled by one process and by
+# torchrun at W = 2 (re-blocked on load) gives the one-process export of the same model.
+
+def write_grid_model(folder, W=3):
+    from svdfill import checkpoint as ck
+    from svdfill.data.csr import build_csr
+    from svdfill.data.idmap import IdMap
+    from svdfill.distributed import grid_checkpoint as gck
+    from svdfill.distributed.grid import GridLayout
+
+    st, seen = state(), seen_csr()
+    ub, ib = BOUNDS[W]
+    layout = GridLayout(U, I, ub, ib)
+    for r in range(W):
+        (a, b), (c, d) = ub[r], ib[r]
+        gck.save_grid_model(folder, "model", layout, r, {
+            "user_factors": st["user_factors"][a:b], "user_bias": st["user_bias"][a:b],
+            "item_factors": st["item_factors"][c:d], "item_bias": st["item_bias"][c:d]})
+        rows = torch.repeat_interleave(torch.arange(U), seen[0][1:] - seen[0][:-1])
+        m = (rows >= a) & (rows < b)
+        ip, ix = build_csr(rows[m] - a, seen[1].long()[m], b - a)
+        ck.atomic_torch_save(folder / gck.rank_file("seen", r, W),
+                             {"user_lo": torch.tensor(a), "train_indptr": ip, "train_indices": ix,
+                              "all_indptr": ip, "all_indices": ix})
+    import numpy as np
+
+    idmap = IdMap(np.arange(U, dtype=np.int64) * 3 + 1, np.arange(I, dtype=np.int64) + 500)
+    ck.atomic_torch_save(folder / "idmap.pt", idmap.to_state())
+    gck.write_layout(folder, layout, {"factors": D, "global_mean": st["global_mean"],
+                                      "n_users": U, "n_items": I, "idmap": "idmap.pt",
+                                      "config": {"fill": {"k": 4}}}, names=["model"])
+    return st, seen, idmap
+
+
+@pytest.mark.multiprocess
+def test_svdfill_fill_on_a_grid_run(tmp_path):
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from svdfill.fill.export import export_fill
+    from svdfill.launch.errors import UserError
+    from test_cli_fill import parse
+    from test_torchrun import torchrun
+    from svdfill.launch import cmd_fill
+
+    run = tmp_path / "run"
+    st, seen, idmap = write_grid_model(run / "grid_model")
+    export_fill(st, idmap, tmp_path / "one.parquet", k=6, seen=seen, user_block=5, quiet=True)
+    ref = pq.read_table(tmp_path / "one.parquet")
+    common = ["--model", str(run), "--k", "6", "--user-block", "5", "--quiet"]
+    assert cmd_fill.main(parse(*common, "--out", f"{tmp_path / 'w1'}/")) == 0
+    torchrun("svdfill.launch.torchrun_fill", *common, "--out", f"{tmp_path / 'w2'}/", nproc=2)
+    for name, parts in (("w1", 1), ("w2", 2)):
+        got = pads.dataset(tmp_path / name, format="parquet").to_table()
+        assert got.num_rows == ref.num_rows > 0 and got.equals(ref), name
+        assert len(list((tmp_path / name).glob("part-*.parquet"))) == parts
+    with pytest.raises(UserError, match="dataset folder"):
+        cmd_fill.main(parse(*common, "--out", str(tmp_path / "one-file.parquet")))
