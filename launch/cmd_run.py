@@ -58,8 +58,11 @@ def main(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"svdfill: {run_dir} already holds a finished run; filling from it "
               "(--overwrite retrains)")
-    fill_args = argparse.Namespace(model=str(run_dir), out=args.recs or str(run_dir / "recs.parquet"),
-                                   k=args.k, users=None, device=args.device, exclude_seen=None,
-                                   full=False, dtype=None, memory_budget_mb=None, user_block=None,
-                                   restart=bool(args.overwrite), quiet=args.quiet)
+    # every `svdfill fill` option at its default (new options included), then ours
+    fp = argparse.ArgumentParser(add_help=False)
+    cmd_fill.add_arguments(fp, launcher=False)
+    fill_args = fp.parse_args(["--model", str(run_dir),
+                               "--out", args.recs or str(run_dir / "recs.parquet")])
+    fill_args.k, fill_args.device = args.k, args.device
+    fill_args.restart, fill_args.quiet = bool(args.overwrite), args.quiet
     return cmd_fill.main(fill_args)

@@ -282,11 +282,12 @@ def test_train_with_time_split_end_to_end(ml100k_path, tmp_path, capsys):
     assert 0.8 < s["val_rmse"] < 1.3
 
 
-def test_time_split_makes_every_rank_read_everything():
+def test_time_split_is_read_per_rank_through_a_user_pass():
     from svdfill.config import DataConfig
-    from svdfill.distributed.ingest import supported
+    from svdfill.distributed.ingest import needs_user_pass, supported
 
-    assert "timestamps" in supported(DataConfig(path="x", split="time"))
+    assert supported(DataConfig(path="x", split="time")) is None
+    assert needs_user_pass(DataConfig(path="x", split="time"))
 
 
 def test_draws_at_equals_the_whole_stream_in_any_chunking():
