@@ -82,7 +82,8 @@ class ShardActor:
             state = {key: torch.as_tensor(v) for key, v in self.state.items()}
             seen = None if self.seen is None else tuple(torch.as_tensor(x) for x in self.seen)
         plan = plan_fill(state, idmap, k=self.k, seen=seen, device="cpu", **plan_kwargs)
-        others = [a for j, a in enumerate(peers) if j != part]
+        # a whole shard (replicated items) needs no one else's lists
+        others = [] if self.shard.whole else [a for j, a in enumerate(peers) if j != part]
         pending: dict[int, list] = {}
 
         def request(b: int) -> None:
@@ -99,6 +100,9 @@ class ShardActor:
                     request(nxt)
             rows = plan.rows_of(b)
             s, i = self.shard.topk(rows)
+            if not others:
+                pending.pop(b, None)
+                return plan.table(rows, s.cpu(), i.cpu())
             lists = [(s.cpu(), i.cpu())] + [(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))
                                             for x, y in ray.get(pending.pop(b))]
             return plan.table(rows, *merge_topk(lists, self.k))
@@ -111,9 +115,11 @@ class ShardActor:
 def start_actors(state: dict[str, torch.Tensor], seen: tuple[torch.Tensor, torch.Tensor] | None,
                  num_actors: int, *, k: int, use_gpu: bool = False, dtype: str | None = None,
                  memory_budget: int | None = None, spread: bool = True,
-                 num_cpus: float = 1.0) -> tuple[list, list[tuple[int, int]]]:
-    """Start ``num_actors`` :class:`ShardActor` actors over equal contiguous item shards,
-    for top-``k`` requests.
+                 num_cpus: float = 1.0,
+                 shards: list[tuple[int, int]] | None = None) -> tuple[list, list[tuple[int, int]]]:
+    """Start ``num_actors`` :class:`ShardActor` actors over equal contiguous item shards (or
+    the given ``shards``, one per actor: all ``(0, n_items)`` replicates the items), for
+    top-``k`` requests.
 
     ``state``: the five model tensors (``user_factors [U, d]``, ``item_factors [I, d]``,
     ``user_bias [U]``, ``item_bias [I]``, ``global_mean`` 0-d). ``spread`` asks Ray to place
@@ -123,7 +129,9 @@ def start_actors(state: dict[str, torch.Tensor], seen: tuple[torch.Tensor, torch
     import ray
 
     n_items = int(state["item_factors"].shape[0])
-    shards = even_shards(n_items, num_actors)
+    shards = even_shards(n_items, num_actors) if shards is None else list(shards)
+    if len(shards) != num_actors:
+        raise ValueError(f"{len(shards)} shards for {num_actors} actors")
     to_np = lambda t: t.detach().cpu().contiguous().numpy()  # noqa: E731
     q_ref, bi_ref = ray.put(to_np(state["item_factors"])), ray.put(to_np(state["item_bias"]))
     p_ref, bu_ref = ray.put(to_np(state["user_factors"])), ray.put(to_np(state["user_bias"]))

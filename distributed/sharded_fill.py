@@ -105,6 +105,8 @@ class BlockPipeline:
         for ahead in range(b, b + 1 + max(0, self.fill.ahead)):
             self._submit(ahead)
         parts = self.fill.collect(self.pending.pop(b))
+        if len(parts) == 1:  # one list over every item (W = 1, or replicated): already ordered
+            return parts[0]
         dev = self.fill.merge_device
         return merge_topk([(s.to(dev), i.to(dev)) for s, i in parts], self.fill.k)
 
@@ -178,6 +180,11 @@ class RayFill(ShardedFill):
     """The fill over ``num_actors`` Ray actors, one item shard each (started by :meth:`start`
     with :func:`svdfill.distributed.ray_fill.start_actors`; Ray must be initialized).
 
+    ``item_split`` (:func:`svdfill.distributed.sharding.fill_item_shards`; "shard" by
+    default): with the items replicated, each block goes to one actor in turn and comes back
+    whole (no merge of W lists), and in a partitioned export each actor fills its own part
+    without asking the others.
+
     ``depth``: blocks queued on the actors ahead of the one being merged. ``on_start(actors,
     shards)`` is called once they are up (for logs). The actors pick their compute dtype
     for their own devices. :meth:`from_actors` wraps actors that are already running.
@@ -186,12 +193,16 @@ class RayFill(ShardedFill):
     shards_pick_dtype = True
 
     def __init__(self, num_actors: int, *, use_gpu: bool = False, depth: int = 2,
-                 spread: bool = True, num_cpus: float = 1.0, on_start=None):
+                 spread: bool = True, num_cpus: float = 1.0, on_start=None,
+                 item_split: str = "shard"):
         self.num_actors, self.use_gpu, self.spread, self.num_cpus = num_actors, use_gpu, spread, num_cpus
         self.ahead = max(1, depth)
         self.on_start = on_start
+        self.item_split = item_split
+        self.replicated = False
         self.actors: list = []
         self.shards: list[tuple[int, int]] = []
+        self._turn = 0
 
     @classmethod
     def from_actors(cls, actors: list, k: int, *, depth: int = 2,
@@ -204,10 +215,17 @@ class RayFill(ShardedFill):
 
     def start(self, state, seen, *, k, device, dtype, memory_budget) -> None:
         from svdfill.distributed.ray_fill import start_actors
+        from svdfill.distributed.sharding import fill_item_shards, is_replicated
 
+        n_items, d = state["item_factors"].shape
+        shards = fill_item_shards(int(n_items), int(d), self.num_actors, self.item_split)
+        self.replicated = is_replicated(shards, int(n_items)) and self.num_actors > 1
+        if self.replicated:  # blocks go round the actors: keep each of them busy
+            self.ahead = max(self.ahead, 2 * self.num_actors - 1)
         self.actors, self.shards = start_actors(state, seen, self.num_actors, k=k, use_gpu=self.use_gpu,
                                                 dtype=dtype, memory_budget=memory_budget,
-                                                spread=self.spread, num_cpus=self.num_cpus)
+                                                spread=self.spread, num_cpus=self.num_cpus,
+                                                shards=shards)
         self.k, self.merge_device = k, torch.device(device)
         if self.on_start is not None:
             self.on_start(self.actors, self.shards)
@@ -216,6 +234,10 @@ class RayFill(ShardedFill):
         import ray
 
         ref = ray.put(np.asarray(rows.numpy(), dtype=np.int64))
+        if self.replicated:  # any actor has every item: one answers the whole block
+            actor = self.actors[self._turn % len(self.actors)]
+            self._turn += 1
+            return [actor.topk.remote(ref)]
         return [a.topk.remote(ref) for a in self.actors]
 
     def collect(self, handle: list) -> list[TopkList]:
@@ -301,19 +323,28 @@ class TorchrunExchange:
     :class:`svdfill.fill.dataset.BlockExchange` of :func:`svdfill.fill.dataset.export_dataset`):
     shard r on rank r; every rank walks every block, and each block's W shard lists are
     gathered to the rank that owns (writes) the block, not to rank 0. No block's users are
-    broadcast: every rank knows the block list."""
+    broadcast: every rank knows the block list. ``item_split``
+    (:func:`svdfill.distributed.sharding.fill_item_shards`): with the items replicated
+    (``local``), each rank computes only its own blocks over every item, with no collective
+    per block."""
 
-    def __init__(self, world):
+    def __init__(self, world, item_split: str = "shard"):
         self.world = world
         self.rank, self.size = world.rank, world.world_size
+        self.item_split = item_split
         self.shard = None
         self.k = 0
+        self.local = False
+        """True once started with the items replicated: each rank fills its own blocks alone."""
 
     def start(self, state, seen, *, k, device, dtype, memory_budget) -> None:
+        from svdfill.distributed.sharding import fill_item_shards, is_replicated
         from svdfill.fill.shard import ItemShard
 
         self.k = k
-        shards = even_shards(int(state["item_factors"].shape[0]), self.size)
+        n_items, d = state["item_factors"].shape
+        shards = fill_item_shards(int(n_items), int(d), self.size, self.item_split)
+        self.local = is_replicated(shards, int(n_items))
         self.shard = ItemShard(state, shards[self.rank], k=k, seen=seen, device=self.world.device,
                                dtype=dtype, memory_budget=memory_budget)
 
@@ -328,6 +359,8 @@ class TorchrunExchange:
         from svdfill.distributed.gather import gather_lists
         from svdfill.kernels.fill import merge_topk
 
+        if self.local:  # the whole catalogue is here: no collective, only the owner asks
+            return self.shard.topk(rows) if owner == self.rank else None
         s, i = self.shard.topk(rows)
         w = self.world
         parts = gather_lists(s, i, w.world_size, w.rank, w.comm_device, dst=owner)

@@ -102,6 +102,35 @@ def even_shards(n_items: int, world_size: int) -> list[tuple[int, int]]:
     return balanced_shards(np.ones(n_items, dtype=np.int64), world_size)
 
 
+ITEM_SPLITS = ("auto", "replicate", "shard")
+REPLICATE_ITEMS_MAX_BYTES = 512 << 20
+"""``item_split = "auto"`` replicates an item table (float32 Q and b_i) up to this size."""
+
+
+def fill_item_shards(n_items: int, factors: int, world_size: int,
+                     split: str = "auto") -> list[tuple[int, int]]:
+    """The items each of the ``world_size`` fill workers holds: ``[(lo, hi), …]``.
+
+    ``shard``: equal contiguous shards; every block's top-k is then computed by all W and
+    merged, which costs W selections and a gather of W lists per block — the price of an
+    item table too big for one worker. ``replicate``: every worker holds all items
+    (``(0, n_items)`` W times) and fills its own users alone: no traffic per block and one
+    selection per user. ``auto`` replicates when the table is at most
+    :data:`REPLICATE_ITEMS_MAX_BYTES` (4·n_items·(factors + 1) bytes), shards otherwise.
+    """
+    if split not in ITEM_SPLITS:
+        raise ValueError(f"item split {split!r}: expected one of {', '.join(ITEM_SPLITS)}")
+    table = 4 * int(n_items) * (int(factors) + 1)
+    if split == "replicate" or (split == "auto" and table <= REPLICATE_ITEMS_MAX_BYTES):
+        return [(0, int(n_items))] * world_size
+    return even_shards(n_items, world_size)
+
+
+def is_replicated(shards: list[tuple[int, int]], n_items: int) -> bool:
+    """Every worker holds every item (and W > 1 or not, no merge is needed)."""
+    return all(int(lo) == 0 and int(hi) == int(n_items) for lo, hi in shards)
+
+
 def item_counts(items: torch.Tensor, n_items: int) -> torch.Tensor:
     """Ratings per item: int64 [n_items] from item ids int [n]."""
     return torch.bincount(items.to(torch.int64).cpu(), minlength=n_items)

@@ -13,7 +13,10 @@ row groups in order, and ``pyarrow.dataset.dataset(DIR)`` (which skips ``_`` and
 names) reads back the single-file output row for row. Each part has the single file's schema
 and metadata keys plus ``svdfill.part``, ``svdfill.parts``, ``svdfill.blocks``.
 
-Every writer walks ALL blocks in order: a block's top-k is computed over item shards by
+With the item table replicated (``exchange.local``, the default for tables up to 512 MiB:
+:func:`svdfill.distributed.sharding.fill_item_shards`) each writer computes only its own
+blocks, over every item, and no collective runs per block. Otherwise every writer walks ALL
+blocks in order: a block's top-k is computed over item shards by
 every rank and merged on the block's owner (the ``exchange``, see
 :class:`BlockExchange`; :class:`svdfill.distributed.sharded_fill.TorchrunExchange`), which
 alone writes it. Each part is its own
@@ -262,6 +265,8 @@ def export_dataset(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, s
     # the blocks still to compute, in order: each part's from its first unfinished one
     todo = [b for p in range(W) for b in range(part_blocks(p, W, n_blocks)[0] + done_all[p],
                                                part_blocks(p, W, n_blocks)[1])]
+    if exchange is not None and getattr(exchange, "local", False):
+        todo = [b for b in todo if lo <= b < hi]  # replicated items: no other rank needs us
 
     remote = None if (full or sharded is None) else sharded.blocks(plan.rows_of, n_blocks)
     bar = tqdm(total=hi - lo, unit="block", desc=f"fill part {rank}", dynamic_ncols=True,

@@ -41,6 +41,18 @@ def _float32(x: Any, device: torch.device) -> Tensor:
     return x.to(device, torch.float32)
 
 
+def _cpu_tensor(x: Any) -> Tensor:
+    """``x`` as a CPU tensor without a copy; a read-only object-store array is wrapped as it
+    is (nothing here writes to it)."""
+    if isinstance(x, np.ndarray):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.as_tensor(x)
+    return torch.as_tensor(x).cpu()
+
+
 class ItemShard:
     """Items ``[lo, hi)`` of a model on ``device``, answering per-user-block top-k requests.
 
@@ -50,7 +62,8 @@ class ItemShard:
     ``(indptr [U+1], indices [nnz])`` of global item ids to exclude per user (tensors or
     numpy), or None. k, dtype, memory_budget: as for :func:`svdfill.kernels.fill.fill_topk`
     (``dtype`` is used as given; callers pick it for the device). An empty shard
-    (``lo == hi``) answers padding only.
+    (``lo == hi``) answers padding only; a whole one (``lo == 0``, ``hi`` = every item) keeps
+    ``seen`` as given, no restricted copy.
     """
 
     def __init__(self, state: Mapping[str, Any], shard: tuple[int, int], *, k: int,
@@ -65,7 +78,13 @@ class ItemShard:
         self.Q = _float32(state["item_factors"][lo:hi], self.device)
         self.bi = _float32(state["item_bias"][lo:hi], self.device)
         self.mu = float(state["global_mean"])
-        self.seen = None if seen is None else csr_restrict(seen[0], seen[1], lo, hi)
+        self.whole = lo == 0 and hi >= int(state["item_factors"].shape[0])
+        if seen is None:
+            self.seen = None
+        elif self.whole:  # every item: the sets as they are (a restricted copy is 2-3x their size)
+            self.seen = (_cpu_tensor(seen[0]).to(torch.int64), _cpu_tensor(seen[1]))
+        else:
+            self.seen = csr_restrict(seen[0], seen[1], lo, hi)
 
     def topk(self, rows) -> tuple[Tensor, Tensor]:
         """Top-k over this shard for users ``rows`` (int64 [B], tensor or numpy, any order):

@@ -1,4 +1,4 @@
-"""`svdfill bench fill|kernels|accuracy|ingest|plan`: each prints one table with its baseline measured
+"""`svdfill bench fill|kernels|accuracy|ingest|export|plan`: each prints one table with its baseline measured
 in the same run, so speed claims are ratios, never lone seconds."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ SUITES = {
     "kernels": "Fused Triton kernels vs plain torch vs the hardware floor (CUDA).",
     "accuracy": "svdfill vs the original recipe vs Surprise SVD on seeded splits.",
     "ingest": "Reading a dataset: each of W ranks its share vs one process reading all.",
+    "export": "The fill export: W workers writing their own parts vs one process writing one file.",
     "plan": "svdfill plan's predicted bytes, memory and time vs measured runs at W = 1, 2, 4.",
 }
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from svdfill.fill.dataset import BlockExchange
 
 TORCHRUN_MODULE = "svdfill.launch.torchrun_fill"
+ITEM_SPLITS = ("auto", "replicate", "shard")  # distributed.sharding.ITEM_SPLITS, kept import-light
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> None:
@@ -79,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
                         help="users per Parquet row group (default: automatic)")
     parser.add_argument("--restart", action="store_true",
                         help="discard an unfinished export of the same file made with other settings")
+    parser.add_argument("--item-split", choices=ITEM_SPLITS, default="auto",
+                        help="items on each worker of a torchrun partitioned export (--out DIR/) or a "
+                             "Ray fill: replicate (every worker holds all items and fills its own "
+                             "users, no traffic per block), shard (each holds 1/W of them; every "
+                             "block is computed by all and merged: for item tables too big for one "
+                             "worker), auto (default: replicate up to a 512 MiB item table)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     if launcher:
         from svdfill.launch.launcher import add_launcher_arguments

@@ -179,7 +179,8 @@ def fill(args: argparse.Namespace) -> int:
             f"{w['dtype']}"
             for w in where), flush=True)
 
-    return cmd_fill.main(args, sharded=RayFill(num_actors, use_gpu=use_gpu, on_start=on_start))
+    return cmd_fill.main(args, sharded=RayFill(num_actors, use_gpu=use_gpu, on_start=on_start,
+                                               item_split=args.item_split))
 
 
 def similar(args: argparse.Namespace) -> int:

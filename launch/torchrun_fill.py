@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if is_dataset_path(args.out):  # every rank writes its part: no rank drives the others
             args.device = str(device)
             args.quiet = args.quiet or rank != 0
-            return run_reporting_errors(lambda: cmd_fill.main(args, exchange=TorchrunExchange(world)))
+            return run_reporting_errors(lambda: cmd_fill.main(
+                args, exchange=TorchrunExchange(world, args.item_split)))
         if rank != 0:
             serve_torchrun(world, _load(args))
             return 0

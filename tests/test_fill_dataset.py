@@ -110,10 +110,9 @@ def test_torchrun_w2_parts_kill9_resume_and_another_w_refused(run, tmp_path):
     assert sorted(p.name for p in clean.iterdir()) == [MANIFEST, "part-00000.parquet", "part-00001.parquet"]
     ref = pq.read_table(single)
     got = pads.dataset(clean, format="parquet").to_table()
-    assert got.num_rows == ref.num_rows
-    for col in ("user_id", "item_id", "rank"):
-        assert got.column(col).equals(ref.column(col)), col
-    np.testing.assert_allclose(got.column("score").to_numpy(), ref.column("score").to_numpy(), rtol=1e-6)
+    # a small item table is replicated (--item-split auto): each rank fills its own users
+    # over every item, the same computation as one process, so the same bits
+    assert got.num_rows == ref.num_rows and got.equals(ref)
     m = read_manifest(clean)
     assert [(p["file"], p["rank"], p["first_block"], p["last_block"]) for p in m["parts"]] == \
         [("part-00000.parquet", 0, 0, 7), ("part-00001.parquet", 1, 8, 14)]  # 15 blocks: b*2//15
@@ -141,6 +140,17 @@ def test_torchrun_w2_parts_kill9_resume_and_another_w_refused(run, tmp_path):
     r = torchrun_fill(run, f"{out}/")
     assert r.returncode == 0, r.stderr[-3000:]
     assert dataset_files(out) == dataset_files(clean)  # parts and manifest byte for byte
+
+    # --item-split shard: every rank computes every block over its half of the items and
+    # the owner merges the two lists: the same rows (scores up to GEMM rounding of another shape)
+    sharded = tmp_path / "sharded"
+    torchrun("svdfill.launch.torchrun_fill", *args(run, f"{sharded}/"), "--item-split=shard")
+    got = pads.dataset(sharded, format="parquet").to_table()
+    assert got.num_rows == ref.num_rows
+    for col in ("user_id", "item_id", "rank"):
+        assert got.column(col).equals(ref.column(col)), col
+    np.testing.assert_allclose(got.column("score").to_numpy(), ref.column("score").to_numpy(), rtol=1e-6)
+    assert [p["rows"] for p in read_manifest(sharded)["parts"]] == [p["rows"] for p in m["parts"]]
 
     # --restart with one process: the old parts go, one part and its manifest remain
     assert fill(*args(run, f"{out}/"), "--restart") == 0

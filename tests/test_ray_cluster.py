@@ -54,17 +54,39 @@ def test_fill_across_two_nodes(head, small_model, tmp_path):
         ips = {n.node_ip for n in _alive_nodes(head)}
         assert ips == {"127.0.0.1"}
         got = tmp_path / "ray2.parquet"
+        # item shards (not the replicated table a model this small gets by default): every
+        # block is computed by both actors, on two nodes, and merged
         cmd = [sys.executable, "-m", "svdfill.launch.ray_job", "fill", "--model", str(small_model),
                "--k", "20", "--out", str(got), "--num-actors", "2", "--user-block", "400",
-               "--address", head.gcs_address]
+               "--address", head.gcs_address, "--item-split", "shard"]
         p = subprocess.run(cmd, env=ray_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                            timeout=180)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         assert "from node 127.0.0.1" in p.stdout
         assert "2 fill actors on 2 node(s)" in p.stdout, p.stdout[-3000:]
+        from svdfill.checkpoint import load_model
+        from svdfill.distributed.sharding import even_shards
+
+        n_items = int(load_model(small_model).state["item_factors"].shape[0])
+        (a, b), (c, e) = even_shards(n_items, 2)
+        assert f"items [{a}, {b})" in p.stdout and f"items [{c}, {e})" in p.stdout, p.stdout[-3000:]
         ref = tmp_path / "single.parquet"
         single_process_fill(small_model, ref, "--k", "20", "--user-block", "400")
         assert_same_fill(got, ref)
+
+        # the partitioned export over item shards: each actor writes its part, asking the
+        # actor on the other node for its shard's lists
+        import pyarrow.dataset as pads
+        import pyarrow.parquet as pq
+
+        ds = tmp_path / "ds"
+        p = subprocess.run(cmd[:cmd.index("--out") + 1] + [f"{ds}/"] + cmd[cmd.index("--out") + 2:],
+                           env=ray_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        back = pads.dataset(ds, format="parquet").to_table()
+        one = pq.read_table(got)
+        for col in ("user_id", "item_id", "rank", "score"):
+            assert back.column(col).equals(one.column(col)), col  # merged the same way: same bits
     finally:
         node2.stop()
     assert not node2.alive() and not node2.temp_dir.exists()

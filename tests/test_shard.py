@@ -93,11 +93,24 @@ def test_numpy_object_store_arrays_give_the_same_lists():
         return a
 
     np_state = {k: ro(v) for k, v in st.items()}
-    rows = ro(torch.tensor([3, 1, 30]))
-    a = ItemShard(np_state, (4, 15), k=K, seen=(ro(seen[0]), ro(seen[1])))
-    b = ItemShard(st, (4, 15), k=K, seen=seen)
-    for x, y in zip(a.topk(rows), b.topk(torch.from_numpy(rows.copy()))):
-        assert torch.equal(x, y)
+    rows = ro(torch.tensor([3, 1, 30, FULL_USER]))
+    for shard in [(4, 15), (0, I)]:  # a part, and the whole catalogue (replicated items)
+        a = ItemShard(np_state, shard, k=K, seen=(ro(seen[0]), ro(seen[1])))
+        b = ItemShard(st, shard, k=K, seen=seen)
+        for x, y in zip(a.topk(rows), b.topk(torch.from_numpy(rows.copy()))):
+            assert torch.equal(x, y)
+
+
+def test_a_whole_shard_keeps_the_seen_sets_as_given():
+    """Replicated items: no restricted copy of what may be 100M seen pairs."""
+    st = dyadic_state()
+    ptr, idx = seen_csr()
+    idx32 = idx.to(torch.int32)
+    sh = ItemShard(st, (0, I), k=K, seen=(ptr, idx32))
+    assert sh.whole and sh.seen[1].data_ptr() == idx32.data_ptr() and sh.seen[1].dtype == torch.int32
+    rows = torch.tensor([FULL_USER, 0, 36, 3])
+    assert_topk_exact(sh.topk(rows), oracle(st, rows, K, (ptr, idx)))
+    assert not ItemShard(st, (0, I - 1), k=K, seen=(ptr, idx32)).whole
 
 
 def test_shard_keeps_only_its_rows_and_seen_pairs():

@@ -89,3 +89,22 @@ def test_select_shard_local_ids():
     assert part.n_items == 3 and part.n_users == 3
     assert part.items.tolist() == [2, 1, 0] and part.users.tolist() == [0, 2, 0]
     assert part.ratings.tolist() == [1.0, 3.0, 4.0] and part.items.dtype == r.items.dtype
+
+
+def test_fill_item_shards_replicate_small_tables_and_shard_big_ones():
+    from svdfill.distributed.sharding import (REPLICATE_ITEMS_MAX_BYTES, fill_item_shards,
+                                              is_replicated)
+    from svdfill.launch.cmd_fill import ITEM_SPLITS
+    from svdfill.distributed.sharding import ITEM_SPLITS as SPLITS
+
+    assert ITEM_SPLITS == SPLITS  # the CLI's copy (kept import-light) is the same list
+    fits = REPLICATE_ITEMS_MAX_BYTES // (4 * 65)  # items of a d=64 table at the limit
+    assert fill_item_shards(fits, 64, 3) == [(0, fits)] * 3
+    assert is_replicated(fill_item_shards(fits, 64, 3), fits)
+    assert fill_item_shards(fits + 1, 64, 3) == even_shards(fits + 1, 3)  # one item more: shards
+    assert not is_replicated(fill_item_shards(fits + 1, 64, 3), fits + 1)
+    assert fill_item_shards(10, 4, 2, "shard") == [(0, 5), (5, 10)]
+    assert fill_item_shards(10**9, 128, 2, "replicate") == [(0, 10**9)] * 2
+    assert is_replicated(fill_item_shards(10, 4, 1, "shard"), 10)  # W = 1: one whole shard
+    with pytest.raises(ValueError, match="item split 'half'"):
+        fill_item_shards(10, 4, 2, "half")
