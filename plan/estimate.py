@@ -45,8 +45,8 @@ ALS chunk's gathered features, targets and Grams ≈ 3 budgets, plus the fixed s
 ``[q_i, 1]`` copy; a fill's tiles).
 
 Time: compute (Gram ``bmm`` 2k² flops per rating per half, Cholesky ``k³/3 + 2k²`` per
-solved row), memory traffic (gathers 3·4k bytes per padded rating per half; SGD
-``SGD_BYTES_PER_RATING_PER_K · k`` bytes per rating), per-op launch overhead, and the
+solved row), memory traffic (gathers 3·4k bytes per padded rating per half), per-op launch
+overhead, SGD steps at the profile's measured step rate (``sgd_rate``), and the
 network (``latency`` per collective + bytes / ``net_bw``), each at the rank's share of the
 device (``cores / W`` of a CPU).
 """
@@ -85,14 +85,6 @@ FILL_CPU_BUDGET = 256 * 2**20
 """A fill's tile memory on a CPU (kernels.fill.DEFAULT_CPU_BUDGET); on a GPU it takes 60% of
 what is free, so it is reported as what is left rather than as a need."""
 
-SGD_BYTES_PER_RATING_PER_K = 32
-"""Memory traffic of one SGD rating per factor column, in bytes at the calibrated
-random-gather bandwidth. Counting the step's tensors gives about 64 (gather p_u, q_i: read
-2k, write 2k; the dot: read 2k; both gradient rows: read 4k, write 2k; two ``index_add_``:
-read 2k, write 2k; ≈ 16k float32), but most of it is streaming over the batch's rows, not
-random: fitted to 25–32 on measured epochs (``svdfill bench plan``, 2-core x86 VM)."""
-SGD_OPS_PER_STEP = 24
-"""Tensor ops launched per SGD step (index, gathers, products, four ``index_add_``)."""
 RUNTIME_CPU = 24 * 2**20
 """Resident memory a CPU rank gains beyond its tensors while it trains: allocator arenas,
 gloo's buffers, thread pools (measured 15–30 MiB with ``svdfill bench plan``)."""
@@ -391,16 +383,22 @@ def _items_als_time(p, profile, n, I_loc, budget):
 
 
 def _sgd_local(p: Problem, profile: DeviceProfile, n: float, steps: int) -> dict[str, float]:
-    """Seconds of the local SGD work over ``n`` ratings in ``steps`` steps."""
+    """Seconds of the local SGD work over ``n`` ratings in ``steps`` steps.
+
+    The steps themselves at the profile's measured :attr:`DeviceProfile.sgd_rate` (one
+    thread per rank on a CPU, slowed only when ranks outnumber cores; a GPU each): a
+    1024-rating step is dispatch- and scatter-bound, which a flop or bandwidth model
+    misjudged by 8× on CPU. Plus what the measured step leaves out: the epoch's shuffle and
+    the optimizer's extra row traffic."""
     k = p.factors + 1
     s = profile.share(p.workers)
-    per_rating = SGD_BYTES_PER_RATING_PER_K * k
+    threads = 1.0 if profile.cores <= 0 else min(1.0, profile.cores / max(1, p.workers))
+    extra = 0.0
     if p.optimizer != "sgd":  # the optimizer touches each rating's rows once more
-        per_rating += 4 * k * 4 * (1 + MOMENTS[p.optimizer])
-    epoch = n * 20 * 3  # randperm and the three gathers of the epoch's order
-    return {"compute": 8.0 * p.factors * n / (profile.gemm_flops * s),
-            "memory": (n * per_rating) / (profile.mem_bw * s) + epoch / (profile.copy_bw * s),
-            "launch": steps * SGD_OPS_PER_STEP * profile.op_overhead}
+        extra = n * 4 * k * 4 * (1 + MOMENTS[p.optimizer])
+    epoch = n * 8 * 2  # the epoch's randperm (the steps' gathers are in the measured rate)
+    return {"steps": n * k / (profile.sgd_rate * threads),
+            "memory": extra / (profile.mem_bw * s) + epoch / (profile.copy_bw * s)}
 
 
 def _items_sgd_time(p, profile, n, I_loc):
@@ -527,7 +525,7 @@ def cpu_seconds(e: Estimate, profile: DeviceProfile, workers: int) -> float:
     t = e.sweep_time
     cores = profile.cores / max(1, workers) if profile.cores > 0 else 1.0
     return ((t.get("compute", 0.0) + t.get("memory", 0.0)) * cores + t.get("launch", 0.0)
-            + e.sweep_bytes / profile.net_bw)
+            + t.get("steps", 0.0) + e.sweep_bytes / profile.net_bw)
 
 
 def estimate(p: Problem, profile: DeviceProfile, layout: str) -> Estimate:
@@ -591,7 +589,9 @@ def render(p: Problem, profile: DeviceProfile, estimates: list[Estimate]) -> str
     rows.append((f"bytes sent per {unit}", [fmt_bytes(e.sweep_bytes) for e in estimates]))
     rows.append((f"collectives per {unit}", [f"{e.sweep_collectives:,}" for e in estimates]))
     rows.append(("bytes sent by the fill", [fmt_bytes(e.fill_bytes) for e in estimates]))
-    for part in ("compute", "memory", "launch", "network", "total"):
+    for part in ("compute", "memory", "launch", "steps", "network", "total"):
+        if part == "steps" and not any("steps" in e.sweep_time for e in estimates):
+            continue  # only SGD has measured steps
         rows.append((f"time per {unit}: {part}", [fmt_seconds(e.sweep_time.get(part, 0.0)) for e in estimates]))
     for part in ("compute", "memory", "network", "total"):
         rows.append((f"time of the fill: {part}", [fmt_seconds(e.fill_time.get(part, 0.0)) for e in estimates]))

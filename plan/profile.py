@@ -50,6 +50,12 @@ class DeviceProfile:
     """0: every rank has a device of its own (GPU). > 0: a CPU with this many cores whose
     rates above were measured with all of them; W processes share them (each gets
     ``cores / W``), and the memory too."""
+    sgd_rate: float = 0.0
+    """Rating·column units (ratings × (d + 1)) per second of the real SGD step
+    (:func:`svdfill.kernels.sgd.sgd_step`, batches of 1024 ratings on rows drawn at random
+    from large tables), on ONE thread of a CPU or one GPU. Steps of 1024 ratings are bound
+    by dispatch and scattered rows, not by flops or bandwidth, so the profile measures the
+    step itself. 0 (a profile from before it was measured): the CPU default's."""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,10 +63,12 @@ class DeviceProfile:
     @classmethod
     def from_json(cls, d: dict) -> "DeviceProfile":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in d and n != "cores")
+        missing = sorted(n for n in names if n not in d and n not in ("cores", "sgd_rate"))
         if missing:
             raise ValueError(f"device profile lacks {', '.join(missing)}")
         out = cls(**{k: v for k, v in d.items() if k in names})
+        if not d.get("sgd_rate"):  # written before the step was measured
+            out.sgd_rate = CPU_SGD_RATE
         for f in dataclasses.fields(cls):
             v = getattr(out, f.name)
             if f.name not in ("name", "cores") and not (isinstance(v, (int, float)) and v > 0):
@@ -98,10 +106,18 @@ def h100_profile() -> DeviceProfile:
       about 80% of it as NCCL bus bandwidth → ``net_bw = 40e9``; ``latency = 30 µs`` per
       inter-node collective.
     - 10 µs per launched op; 79 GiB usable of the 80 GB HBM3 (what torch reports).
+    - SGD step: the one H100 figure measured so far, the plain-PyTorch baseline of
+      ``tools/torch-baselines.py`` (a 100M-rating epoch at d = 64 in 3.98 s: 25.1M
+      ratings/s × 65 columns ≈ 1.6e9); svdfill's fused step aims at 20× that, unmeasured.
     """
     return DeviceProfile(name="h100", gemm_flops=40e12, solve_flops=2e12, mem_bw=2.0e12,
                          copy_bw=3.0e12, net_bw=40e9, latency=30e-6, op_overhead=10e-6,
-                         memory_bytes=79 * GiB, cores=0)
+                         memory_bytes=79 * GiB, cores=0, sgd_rate=1.6e9)
+
+
+CPU_SGD_RATE = 3e7
+"""The CPU default of :attr:`DeviceProfile.sgd_rate` (one thread; 2.9e7 measured on the
+2-core AVX-512 development VM: a 1024-rating step at d = 32 in about 1.1 ms)."""
 
 
 def _machine_ram() -> float:
@@ -120,7 +136,8 @@ def cpu_profile(cores: int | None = None, memory_bytes: float | None = None) -> 
     c = int(cores or os.cpu_count() or 1)
     return DeviceProfile(name="cpu", gemm_flops=25e9 * c, solve_flops=3e9 * c, mem_bw=1.5e9 * c,
                          copy_bw=4e9 * c, net_bw=1e9, latency=50e-6, op_overhead=5e-6,
-                         memory_bytes=float(memory_bytes or _machine_ram()), cores=c)
+                         memory_bytes=float(memory_bytes or _machine_ram()), cores=c,
+                         sgd_rate=CPU_SGD_RATE)
 
 
 def profile_for(device: str) -> DeviceProfile:
@@ -186,13 +203,15 @@ def _net_rank(rank: int, port: int, nbytes: int, reps: int, out) -> None:
             dist.all_reduce(t)
         times = {}
         for name, t in (("big", big), ("tiny", tiny)):
-            best = float("inf")
+            took = []
             for _ in range(reps):
                 dist.barrier()
                 s = time.perf_counter()
                 dist.all_reduce(t)
-                best = min(best, time.perf_counter() - s)
-            times[name] = best
+                took.append(time.perf_counter() - s)
+            # the median, not the best: on loopback the best of 20 is twice the median
+            # (2.7 vs 1.3 GB/s at 8 MiB), and training runs at the steady rate
+            times[name] = sorted(took)[len(took) // 2]
         if rank == 0:
             out.put(times)
         dist.barrier()
@@ -200,10 +219,10 @@ def _net_rank(rank: int, port: int, nbytes: int, reps: int, out) -> None:
         dist.destroy_process_group()
 
 
-def measure_network(nbytes: int = 8 << 20, reps: int = 5, timeout: float = 120.0) -> tuple[float, float]:
+def measure_network(nbytes: int = 8 << 20, reps: int = 11, timeout: float = 120.0) -> tuple[float, float]:
     """``(net_bw, latency)`` of a gloo all-reduce between 2 processes on loopback: the bus
     bandwidth ``2(W−1)/W × nbytes / t`` (W = 2) of an ``nbytes`` all-reduce, and the time of
-    a one-float one."""
+    a one-float one (``t``: the median of ``reps`` timings)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -237,7 +256,7 @@ def calibrate(*, size: str = "small", network: bool = True, min_seconds: float =
     Compute and memory rates are timed in CPU seconds of this process (so the load of other
     processes does not make them look slow) and scaled to the machine's cores: the rates of
     this machine when it is quiet, if the work spreads over its cores. The network figures
-    are the best of a few wall-clock timings."""
+    are the median of a few wall-clock timings."""
     import torch
 
     tiny = size == "tiny"
@@ -272,6 +291,8 @@ def calibrate(*, size: str = "small", network: bool = True, min_seconds: float =
     x, y = torch.empty(m // 4), torch.ones(m // 4)
     copy = _rate(lambda: x.copy_(y), 2.0 * m, min_seconds, cpu=True) * cores
 
+    sgd = _sgd_step_rate(k, tiny, min_seconds)
+
     one = torch.ones(1)
     reps = 200
     per_op = 1.0 / _rate(lambda: [one.add_(1.0) for _ in range(reps)], reps, min_seconds / 2, cpu=True)
@@ -283,4 +304,37 @@ def calibrate(*, size: str = "small", network: bool = True, min_seconds: float =
     return DeviceProfile(name=f"calibrated: {socket.gethostname()}", gemm_flops=gemm,
                          solve_flops=solve_rate, mem_bw=2.0 / (1.0 / gather + 1.0 / scatter),
                          copy_bw=copy, net_bw=net_bw, latency=lat, op_overhead=per_op,
-                         memory_bytes=base.memory_bytes, cores=cores)
+                         memory_bytes=base.memory_bytes, cores=cores, sgd_rate=sgd)
+
+
+def _sgd_step_rate(k: int, tiny: bool, min_seconds: float, batch: int = 1024) -> float:
+    """:attr:`DeviceProfile.sgd_rate` of this CPU: the trainer's step loop on one thread, in
+    CPU seconds (the thread count is put back afterwards): each call slices the next batch
+    of a shuffled epoch, gathers its users, items and ratings, and steps — new rows every
+    call, as in training (a fixed batch would keep its rows in cache)."""
+    import torch
+
+    from svdfill.kernels.sgd import sgd_step
+
+    g = torch.Generator().manual_seed(1)
+    users, items, n = (50_000, 5_000, 200_000) if tiny else (400_000, 20_000, 2_000_000)
+    P, Q = torch.randn(users, k - 1, generator=g) * 0.1, torch.randn(items, k - 1, generator=g) * 0.1
+    bu, bi = torch.zeros(users), torch.zeros(items)
+    u = torch.randint(0, users, (n,), generator=g)
+    i = torch.randint(0, items, (n,), generator=g)
+    r = torch.rand(n, generator=g) * 4 + 1
+    perm = torch.randperm(n, generator=g)
+    at = [0]
+
+    def step() -> None:
+        a = at[0]
+        at[0] = (a + batch) % (n - batch)
+        idx = perm[a:a + batch]
+        sgd_step(P, Q, bu, bi, 3.5, u[idx], i[idx], r[idx], lr=0.005, reg_factors=0.02, reg_bias=0.02)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _rate(step, float(batch * k), min_seconds, cpu=True)
+    finally:
+        torch.set_num_threads(threads)

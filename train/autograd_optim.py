@@ -26,6 +26,8 @@ OPTIMIZERS = ("adam", "adagrad", "sparse_adam")
 class AutogradSolver(MinibatchSolver):
     """``loss = ½(Σ e² + L2 penalty of the batch's rows) / denom``, backward, optimizer step."""
 
+    small_steps_one_thread = False  # the optimizer's dense step over every row wants threads
+
     def __init__(self, cfg: Config, world: World, shard: TrainShard, optimizer: str):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"AutogradSolver: no optimizer {optimizer!r}; expected one of {OPTIMIZERS}")

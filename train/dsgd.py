@@ -27,6 +27,7 @@ from svdfill.distributed.world import World
 from svdfill.errors import UserError
 from svdfill.kernels.dispatch import TrainingOps
 from svdfill.kernels.metrics import metrics_from_sums
+from svdfill.kernels.threads import small_step_threads
 from svdfill.kernels.model import init_rows
 
 _USER_TABLE, _ITEM_TABLE = 1, 2  # kernels.model's init tables: the same rows as BiasedMF's
@@ -150,12 +151,8 @@ class DSGDSolver:
 
             bar = tqdm(desc=f"{phase} epoch {epoch}", leave=False, unit="step",
                        dynamic_ncols=True)
-        self.items = dsgd_epoch(
-            self.user_factors, self.user_bias, self.items, self.train_blocks, self.ring,
-            step=self.ops.step, global_mean=self.mu32, lr=self.lr_at(epoch),
-            reg_factors=self.reg_f, reg_bias=self.reg_b, batch_size=self.cfg.train.batch_size,
-            seed=self.cfg.train.seed, epoch=epoch, phase=phase,
-            progress=bar.update if bar is not None else None)
+        with small_step_threads(self.user_factors.device, self.cfg.train.batch_size):
+            self.items = self._epoch(epoch, phase, bar)
         if bar is not None:
             bar.close()
         sent = self.ring.bytes_sent - s0
@@ -164,6 +161,14 @@ class DSGDSolver:
         self.bytes["sweep_sent"] += sent
         self.bytes["sweep_received"] += recv
         self._last_sweep = (sent, recv)
+
+    def _epoch(self, epoch: int, phase: str, bar):
+        return dsgd_epoch(
+            self.user_factors, self.user_bias, self.items, self.train_blocks, self.ring,
+            step=self.ops.step, global_mean=self.mu32, lr=self.lr_at(epoch),
+            reg_factors=self.reg_f, reg_bias=self.reg_b, batch_size=self.cfg.train.batch_size,
+            seed=self.cfg.train.seed, epoch=epoch, phase=phase,
+            progress=bar.update if bar is not None else None)
 
     def epoch_info(self) -> dict[str, float]:
         """Payload bytes the last epoch's ring sent (item blocks): the largest of any rank

@@ -10,9 +10,11 @@ union of their chunks. No DataLoader, no Python per rating.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
+from svdfill.kernels.threads import SMALL_STEP_RATINGS, small_step_threads
 from svdfill.train.shard import phase_seed
 from svdfill.train.solver import Solver
 
@@ -29,6 +31,11 @@ def progress_bar(total: int, desc: str, enabled: bool):
 class MinibatchSolver(Solver):
     """A gradient method: subclasses give :meth:`step` (and :meth:`begin_epoch`)."""
 
+    small_steps_one_thread: bool = True
+    """Steps touch only their batch's rows, so small ones run on one CPU thread
+    (:func:`svdfill.kernels.threads.small_step_threads`); False where a step also runs a
+    dense update of whole tables, which threads do speed up."""
+
     def run_epoch(self, phase: str, epoch: int, progress: bool) -> None:
         lr = self.lr_at(epoch)
         d = self.data
@@ -43,11 +50,13 @@ class MinibatchSolver(Solver):
         self.begin_epoch(lr)
         bar = progress_bar(steps, f"{phase} epoch {epoch}", progress)
         mu = float(self.model.global_mean)  # once per epoch: on CUDA each float() is a sync
-        for s in range(steps):
-            idx = perm[bounds[s]:bounds[s + 1]]
-            self.step(d.users[idx], d.items[idx], d.ratings[idx], lr=lr, mu=mu, denom=denom)
-            if bar is not None:
-                bar.update(1)
+        small = self.small_steps_one_thread and steps > 0 and n / steps <= SMALL_STEP_RATINGS
+        with small_step_threads(dev, math.ceil(n / steps)) if small else nullcontext():
+            for s in range(steps):
+                idx = perm[bounds[s]:bounds[s + 1]]
+                self.step(d.users[idx], d.items[idx], d.ratings[idx], lr=lr, mu=mu, denom=denom)
+                if bar is not None:
+                    bar.update(1)
         if bar is not None:
             bar.close()
 
