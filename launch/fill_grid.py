@@ -6,7 +6,8 @@ rank loads only its user block and its item block (re-blocked from the saved fil
 the fill runs at another W), the item blocks visit every rank around a ring
 (:func:`svdfill.fill.grid_fill.grid_topk`) and each rank writes its own users' part of the
 dataset (:func:`svdfill.fill.dataset.export_grid_dataset`): ``--out DIR/`` only, since a
-single file would need one writer holding every user's lists. Called by
+single file would need one writer holding every user's lists. Item filters apply on each
+rank's blocks (:func:`_apply_filters`). Called by
 :func:`svdfill.launch.cmd_fill.main` (one process) and by every torchrun rank
 (:mod:`svdfill.launch.torchrun_fill`).
 """
@@ -75,6 +76,44 @@ def _model_sha256(mdir: Path, saved, rank: int, size: int, all_gather) -> str:
     return h.hexdigest()
 
 
+def _apply_filters(args, idmap, tables: dict, seen, layout, rank: int):
+    """``--items-allow`` / ``--items-deny`` / ``--exclude`` on this rank's blocks; returns
+    ``(seen, provenance)``. Every rank reads the files (their errors are the same on every
+    rank, so all stop alike). A blocked item's bias in this rank's item block becomes −inf:
+    it scores −inf wherever the block travels, which the fill drops like a seen item — the
+    one-process compaction's result, with no table rebuilt. Exclusions of this rank's users
+    join its seen CSR (global item ids)."""
+    import torch
+
+    from svdfill.fill.filters import allowed_items, csr_from_rows, merge_exclusions
+    from svdfill.launch import cmd_fill
+    from svdfill.launch.errors import UserError
+
+    filters, prov = cmd_fill.read_filters(args, idmap)
+    if not filters:
+        return seen, prov
+    n_items = int(layout.n_items)
+    (u_lo, u_hi), (i_lo, i_hi) = layout.user_bounds[rank], layout.item_bounds[rank]
+    if "allow" in filters or "deny" in filters:
+        allowed = allowed_items(n_items, filters.get("allow"), filters.get("deny"))
+        if allowed.numel() == 0:
+            raise UserError("the item filters leave no item to fill")
+        blocked = torch.ones(n_items, dtype=torch.bool)
+        blocked[allowed] = False
+        bias = tables["item_bias"].to(torch.float32).clone()
+        bias[blocked[i_lo:i_hi].to(bias.device)] = float("-inf")
+        tables["item_bias"] = bias
+    if "exclude" in filters:
+        users, items = (torch.as_tensor(x, dtype=torch.int64) for x in filters["exclude"])
+        mine = (users >= u_lo) & (users < u_hi)
+        n_rows = int(u_hi) - int(u_lo)
+        if seen is None:
+            seen = csr_from_rows(users[mine] - u_lo, items[mine], n_rows, n_items)
+        else:
+            seen = merge_exclusions(seen, users[mine] - u_lo, items[mine], n_rows, n_items)
+    return seen, prov
+
+
 def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
     """The grid fill of ``args`` (``svdfill fill`` options) on this rank of ``world``
     (``None``: one process)."""
@@ -92,9 +131,7 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
     world = world or World()
     rank, W = world.rank, world.world_size
     for opt, name in ((args.full, "--full"), (args.users, "--users"),
-                      (getattr(args, "foldin", None), "--foldin"),
-                      (args.items_allow or args.items_deny or args.exclude,
-                       "--items-allow/--items-deny/--exclude")):
+                      (getattr(args, "foldin", None), "--foldin")):
         if opt:
             raise UserError(f"{name} is not supported on a grid model ({mdir}) yet")
     if not is_dataset_path(args.out) or "://" in str(args.out):
@@ -141,6 +178,8 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
         def all_gather(obj):
             return [obj]
     prov = {"model_sha256": _model_sha256(mdir, saved, rank, W, all_gather)}
+    seen, fprov = _apply_filters(args, idmap, tables, seen, layout, rank)
+    prov.update(fprov)
     ring = Ring(world)
     summary = export_grid_dataset(tables, idmap, args.out, layout=layout, rank=rank, ring=ring,
                                   all_gather=all_gather, k=k, seen=seen, device=device,

@@ -150,3 +150,53 @@ def test_svdfill_fill_on_a_grid_run(tmp_path):
         assert len(list((tmp_path / name).glob("part-*.parquet"))) == parts
     with pytest.raises(UserError, match="dataset folder"):
         cmd_fill.main(parse(*common, "--out", str(tmp_path / "one-file.parquet")))
+
+
+@pytest.mark.multiprocess
+def test_item_filters_on_a_grid_run_equal_the_one_process_filtered_fill(tmp_path):
+    """--items-deny / --items-allow / --exclude on a grid model (one process, and torchrun
+    at W = 2 re-blocking the W = 3 model): the rows of the one-process filtered export."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from svdfill.fill.export import export_fill
+    from svdfill.fill.filters import filter_fill_inputs
+    from svdfill.launch import cmd_fill
+    from svdfill.launch.errors import UserError
+    from test_cli_fill import parse
+    from test_torchrun import torchrun
+
+    run = tmp_path / "run"
+    st, seen, idmap = write_grid_model(run / "grid_model")
+    raw_u, raw_i = idmap.user_ids, idmap.item_ids
+    deny, allow = [2, 5, 11], list(range(1, I, 2))
+    excl = [(0, 3), (4, 0), (U - 1, I - 1), (7, 3)]
+    (tmp_path / "deny.txt").write_text("".join(f"{raw_i[j]}\n" for j in deny))
+    (tmp_path / "allow.txt").write_text("# odd items\n" + "".join(f"{raw_i[j]}\n" for j in allow))
+    (tmp_path / "excl.tsv").write_text("".join(f"{raw_u[u]}\t{raw_i[j]}\n" for u, j in excl))
+    exclude = (torch.tensor([u for u, _ in excl]), torch.tensor([j for _, j in excl]))
+    common = ["--model", str(run), "--k", "6", "--user-block", "5", "--quiet"]
+    cases = {"deny": (["--items-deny", str(tmp_path / "deny.txt"), "--exclude", str(tmp_path / "excl.tsv")],
+                      dict(deny=np.array(deny), exclude=exclude)),
+             "allow": (["--items-allow", str(tmp_path / "allow.txt")], dict(allow=np.array(allow)))}
+    for name, (opts, kw) in cases.items():
+        fst, fmap, fseen, _ = filter_fill_inputs(st, idmap, seen, **kw)
+        export_fill(fst, fmap, tmp_path / f"{name}.parquet", k=6, seen=fseen, user_block=5, quiet=True)
+        ref = pq.read_table(tmp_path / f"{name}.parquet")
+        assert cmd_fill.main(parse(*common, *opts, "--out", f"{tmp_path / name}-w1/")) == 0
+        torchrun("svdfill.launch.torchrun_fill", *common, *opts, "--out", f"{tmp_path / name}-w2/", nproc=2)
+        for out in (f"{name}-w1", f"{name}-w2"):
+            got = pads.dataset(tmp_path / out, format="parquet").to_table()
+            assert got.num_rows == ref.num_rows > 0, out
+            for col in ("user_id", "item_id", "score", "rank"):
+                assert got.column(col).equals(ref.column(col)), (out, col)
+        items = set(got.column("item_id").to_pylist())
+        if name == "deny":
+            assert not items & {int(raw_i[j]) for j in deny}
+        else:
+            assert items <= {int(raw_i[j]) for j in allow}
+    (tmp_path / "none.txt").write_text(f"{raw_i[0]}\n")
+    with pytest.raises(UserError, match="no item to fill"):
+        cmd_fill.main(parse(*common, "--items-allow", str(tmp_path / "none.txt"),
+                            "--items-deny", str(tmp_path / "none.txt"), "--out", f"{tmp_path / 'x'}/"))
