@@ -15,7 +15,9 @@ environment, e.g. ``AWS_ENDPOINT_URL``): what a multi-node cluster needs, since 
 worker group on another node restores the last checkpoint from there.
 
 ``fill`` starts W Ray actors, each holding one item shard, and streams the merged top-k to
-Parquet exactly as ``svdfill fill`` does (same file, same options). ``similar`` does the same
+Parquet exactly as ``svdfill fill`` does (same file, same options). A grid run
+(``layout = "grid"``) is filled by W Ray Train workers running the ring fill instead, each
+writing its own part of ``--out DIR/``. ``similar`` does the same
 for ``svdfill similar`` (each actor one item shard of the neighbour table).
 
 Without ``--address`` this connects to the cluster the job runs in (``ray job submit``,
@@ -73,7 +75,6 @@ def _train_config(args: argparse.Namespace):
 
 
 def train(args: argparse.Namespace) -> int:
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -157,11 +158,15 @@ def _ray_init(address: str | None) -> None:
 # -- fill -----------------------------------------------------------------------------------
 
 def fill(args: argparse.Namespace) -> int:
-    """``svdfill fill`` with the top-k computed by W Ray actors, one item shard each."""
+    """``svdfill fill`` with the top-k computed by W Ray actors, one item shard each (a grid
+    run: by a Ray Train worker group running the ring fill, :func:`fill_grid_on_ray`)."""
     from svdfill.checkpoint import load_model
     from svdfill.distributed.sharded_fill import RayFill
-    from svdfill.launch import cmd_fill
+    from svdfill.launch import cmd_fill, fill_grid
 
+    grid = fill_grid.grid_model_dir(args.model)
+    if grid is not None:
+        return fill_grid_on_ray(args, grid)
     cfg = load_model(args.model).config
     num_actors = args.num_actors or cfg.dist.num_workers
     use_gpu = bool(args.use_gpu or cfg.dist.use_gpu)
@@ -181,6 +186,92 @@ def fill(args: argparse.Namespace) -> int:
 
     return cmd_fill.main(args, sharded=RayFill(num_actors, use_gpu=use_gpu, on_start=on_start,
                                                item_split=args.item_split))
+
+
+def fill_grid_worker(config: dict) -> None:
+    """One Ray Train worker of a grid run's fill = one rank of the torchrun ring fill
+    (:func:`svdfill.launch.fill_grid.main`): its user block's top-k as the item blocks pass
+    around the ring over Ray Train's process group, written as its own part of ``--out``."""
+    from svdfill.distributed.ray_train import ray_train_world, set_worker_threads
+    from svdfill.launch import fill_grid
+
+    args = argparse.Namespace(**config["args"])
+    set_worker_threads(0)
+    world = ray_train_world(config["device"])
+    fill_grid.main(args, fill_grid.grid_model_dir(args.model), world)
+
+
+def fill_grid_on_ray(args: argparse.Namespace, grid: Path) -> int:
+    """``ray_job fill`` of a grid run: ``--num-actors`` (default: the run's
+    ``dist.num_workers``, else its saved W) Ray Train workers in one process group (gloo, or
+    nccl with ``--use-gpu``) run the ring fill; each writes its own users' part of ``--out
+    DIR/`` (a folder every worker's node sees), rank 0 the manifest last. Nothing passes
+    through the driver but the summary. Ray Train keeps its run records in a temporary
+    folder, removed afterwards (a fill has no checkpoints to restore)."""
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from svdfill.distributed.grid_checkpoint import read_layout
+    from svdfill.fill.dataset import is_dataset_path, read_manifest
+    from svdfill.launch.errors import UserError
+
+    if not is_dataset_path(args.out) or "://" in str(args.out):
+        raise UserError(f"--out {args.out}: a grid model fills into a local dataset folder (give "
+                        f"--out DIR/): each worker writes its own users' part")
+    rec = read_layout(grid)
+    dist_cfg = (rec.get("config") or {}).get("dist", {})
+    workers = int(args.num_actors or dist_cfg.get("num_workers") or rec["layout"].world_size)
+    use_gpu = bool(args.use_gpu or dist_cfg.get("use_gpu", False))
+    out = str(Path(args.out).resolve()) + "/"  # workers run in other folders
+    shown = args.out
+    fields = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    fields.update(model=str(Path(args.model).resolve()), out=out, quiet=True,
+                  device="cuda" if use_gpu else "cpu")
+    for opt in ("users", "items_allow", "items_deny", "exclude", "foldin"):
+        if fields.get(opt):
+            fields[opt] = str(Path(fields[opt]).resolve())
+    _ray_init(args.address)
+    records = tempfile.mkdtemp(prefix="svdfill-ray-fill-")
+    try:
+        trainer = TorchTrainer(
+            fill_grid_worker,
+            train_loop_config={"args": fields, "device": fields["device"]},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name="svdfill-fill-grid", storage_path=records))
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:  # a worker's UserError / ExportError, said once
+            raise UserError(f"the grid fill on Ray failed: {_root_cause(e)}") from None
+    finally:
+        shutil.rmtree(records, ignore_errors=True)
+    m = read_manifest(out)
+    if not args.quiet:
+        print(f"svdfill: wrote top-{m['k']} of {m['n_users']:,} users to {shown} "
+              f"({len(m['parts'])} part(s) by {workers} Ray Train workers, {m['rows']:,} rows)",
+              flush=True)
+    return 0
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message of a Ray Train failure."""
+    seen = set()
+    while True:
+        nxt = e.__cause__ or e.__context__
+        for attr in ("worker_failures", "error"):
+            v = getattr(e, attr, None)
+            if isinstance(v, dict) and v:
+                nxt = next(iter(v.values()))
+            elif isinstance(v, BaseException):
+                nxt = v
+        if nxt is None or id(nxt) in seen:
+            return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        seen.add(id(nxt))
+        e = nxt
 
 
 def similar(args: argparse.Namespace) -> int:
@@ -287,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--storage-path", metavar="URI",
                    help="Ray Train's storage for its records and checkpoints (default OUT/.ray): a "
                         "folder every node sees, or s3://bucket/prefix, gs://…, hdfs://…")
-    f = sub.add_parser("fill", help="top-k fill over W Ray actors, one item shard each")
+    f = sub.add_parser("fill", help="top-k fill over W Ray actors, one item shard each (a grid "
+                                    "run: W Ray Train workers running the ring fill)")
     from svdfill.launch import cmd_fill
 
     cmd_fill.add_arguments(f, launcher=False)
