@@ -62,56 +62,60 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B117]))
 
 
-def random_val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
-    """bool [n]: which of ``n`` ratings (in dataset order) the random split holds out;
-    ``round(fraction·n)`` of them. A function of ``(n, fraction, seed)`` alone, so ranks
-    that each hold a share of a dataset agree on the split of every rating."""
-    rng = _rng(seed)
+def random_val_mask(n: int, fraction: float, seed: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """bool [hi − lo]: which of the ratings ``lo..hi−1`` of ``n`` (in dataset order) the
+    random split holds out; ``round(fraction·n)`` of all ``n``. A function of ``(n, fraction,
+    seed)`` alone, so ranks that each hold a range of a dataset agree on the split of every
+    rating, and a rank computes only its own range (memory O(hi − lo) above
+    :data:`LARGE_SPLIT`, not O(n)). ``lo``/``hi`` default to the whole dataset."""
+    hi = n if hi is None else int(hi)
+    lo = int(lo)
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"range [{lo}, {hi}) outside 0..{n}")
     n_val = int(round(fraction * n))
     if n > LARGE_SPLIT:
-        return _exact_size_sample(n, n_val, rng)
+        return _chunked_mask(n, n_val, seed, lo, hi)
+    rng = _rng(seed)
     val = np.sort(rng.permutation(n)[:n_val]) if n_val else np.zeros(0, dtype=np.int64)
     is_val = np.zeros(n, dtype=bool)
     is_val[val] = True
-    return is_val
+    return is_val if (lo, hi) == (0, n) else is_val[lo:hi].copy()
 
 
 LARGE_SPLIT = 1 << 24
-"""Above this many ratings the random split draws its hold-out as :func:`_exact_size_sample`
-(a pass of uniform draws) instead of a full permutation: same law — every subset of the
-size equally likely — but not the same subset, and a permutation of 100M indices alone
-takes ~8 s on one core (cache misses). Smaller data keeps the permutation's split, which
-every figure recorded on MovieLens and FilmTrust was measured with."""
+"""Above this many ratings the random split is drawn chunk by chunk
+(:func:`_chunked_mask`) instead of from one permutation of all ``n``: a permutation of
+100M indices takes ~8 s on one core, and every rank of a sharded read would need all of it.
+Smaller data keeps the permutation's split, which every figure recorded on MovieLens and
+FilmTrust was measured with."""
+
+SPLIT_CHUNK = 1 << 20
+"""Ratings per chunk of the large-data random split."""
 
 
-def _exact_size_sample(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
-    """bool [n] with exactly ``m`` True, every m-subset equally likely: a Bernoulli(m/n)
-    draw, then a uniform subset of the draw removed (or of the rest added) to correct the
-    count by its ~√n surplus. Both steps commute with any relabelling of 0..n-1, so the
-    result is exchangeable, and a law on m-subsets that is exchangeable is uniform."""
-    is_val = rng.random(n, dtype=np.float32) < np.float32(m / n) if n else np.zeros(0, dtype=bool)
-    got = int(np.count_nonzero(is_val))
-    if got != m:
-        is_val[_distinct_draws(is_val, got > m, abs(got - m), rng)] = got < m
-    return is_val
+def _chunked_mask(n: int, m: int, seed: int, lo: int, hi: int) -> np.ndarray:
+    """bool [hi − lo] of the large-data hold-out of exactly ``m`` of ``n`` ratings.
 
-
-def _distinct_draws(mask: np.ndarray, value: bool, r: int, rng: np.random.Generator) -> np.ndarray:
-    """``r`` distinct positions where ``mask == value``, as successive uniform draws without
-    replacement among them: uniform indices, the others rejected, repeats dropped in draw
-    order. Rejection instead of listing the positions (a 90M-long list for the complement
-    of a 10% draw) where at least 1/8 of them qualify; a sparser side is listed."""
-    have = int(np.count_nonzero(mask)) if value else mask.size - int(np.count_nonzero(mask))
-    if have * 8 < mask.size:  # a sparse side: list it (short) and choose from the list
-        pool = np.flatnonzero(mask == value)
-        return pool[rng.choice(pool.size, r, replace=False)]
-    out = np.zeros(0, dtype=np.int64)
-    while out.size < r:
-        cand = rng.integers(0, mask.size, 4 * (r - out.size) + 64)
-        cand = np.concatenate([out, cand[mask[cand] == value]])
-        _, first = np.unique(cand, return_index=True)
-        out = cand[np.sort(first)]
-    return out[:r]
+    The ratings are cut into chunks of :data:`SPLIT_CHUNK` in dataset order; chunk ``c``
+    (ratings ``[a, b)``) holds out exactly ``⌊m·b/n⌋ − ⌊m·a/n⌋`` of its ratings (its share,
+    the shares summing to ``m``), a uniform subset of that size drawn by a generator seeded
+    with ``(seed, c)``. So any rank draws its own chunks alone, in memory of its range plus
+    one chunk. The law is a stratified one — every rating is held out with probability
+    within ``1/SPLIT_CHUNK`` of ``m/n``, and the hold-out is spread evenly over the file —
+    rather than uniform over all m-subsets; for a validation split that is no worse."""
+    out = np.zeros(hi - lo, dtype=bool)
+    if hi <= lo or m == 0:
+        return out
+    for c in range(lo // SPLIT_CHUNK, -(-hi // SPLIT_CHUNK)):
+        a, b = c * SPLIT_CHUNK, min(n, (c + 1) * SPLIT_CHUNK)
+        q = (m * b) // n - (m * a) // n  # Python ints: no overflow at 10^10 × 10^10
+        if q == 0:
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5B117, c]))
+        pos = rng.choice(b - a, q, replace=False, shuffle=False) + a
+        pos = pos[(pos >= lo) & (pos < hi)]
+        out[pos - lo] = True
+    return out
 
 
 def _per_user_mask(users: np.ndarray, n_users: int, fraction: float,

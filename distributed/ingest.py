@@ -190,9 +190,9 @@ def read_sharded(data_cfg: Any, world, *, log: Callable[[str], None] | None = No
         u32, i32, ratings, rows, order, is_val, n = _user_pass(world, data_cfg, idmap, u32, i32,
                                                                ratings, rows, ts, n)
     else:
-        # every rank draws the whole split (a function of n and the seed) and keeps its rows
-        is_val = torch.from_numpy(random_val_mask(n, data_cfg.val_fraction, data_cfg.split_seed)
-                                  [offset:offset + len(ratings)].copy())
+        # the split is a function of n and the seed: each rank draws its own rows' part
+        is_val = torch.from_numpy(random_val_mask(n, data_cfg.val_fraction, data_cfg.split_seed,
+                                                  offset, offset + len(ratings)))
     del ts
 
     # the trainer's cut: balanced by the training ratings per item, as before

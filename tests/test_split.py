@@ -35,43 +35,50 @@ def test_partition_and_determinism(how):
     assert (train.n_users, train.n_items) == (r.n_users, r.n_items)
 
 
-@pytest.mark.parametrize("n,m", [(6, 2), (6, 4), (7, 1), (7, 6), (5, 0), (5, 5)])
-def test_large_split_sample_is_uniform_over_subsets_of_its_size(n, m):
-    """The large-data hold-out draw: always exactly m, and every m-subset about equally
-    often (chi-square over the C(n, m) subsets, with a wide margin)."""
-    from itertools import combinations
-    from math import comb
+@pytest.mark.parametrize("n,frac", [(5_000, 0.1), (4_099, 0.2), (1_024, 0.01), (3_000, 0.0)])
+def test_large_split_is_exact_seeded_and_drawn_per_range(monkeypatch, n, frac):
+    """The chunked draw: exactly round(fraction·n) in all, each chunk its floor share, and
+    any range [lo, hi) drawn alone equals that range of the whole mask (what a rank of a
+    sharded read computes), for ragged ranges across chunk edges."""
+    import svdfill.data.split as S
 
-    from svdfill.data.split import _exact_size_sample
+    monkeypatch.setattr(S, "LARGE_SPLIT", 100)
+    monkeypatch.setattr(S, "SPLIT_CHUNK", 256)
+    m = int(round(frac * n))
+    whole = S.random_val_mask(n, frac, 7)
+    assert whole.shape == (n,) and int(whole.sum()) == m
+    for c in range(-(-n // 256)):
+        a, b = 256 * c, min(n, 256 * (c + 1))
+        assert int(whole[a:b].sum()) == (m * b) // n - (m * a) // n
+    for lo, hi in [(0, n), (0, 1), (255, 257), (300, 1_000), (n - 1, n), (n, n), (17, n - 3)]:
+        assert np.array_equal(S.random_val_mask(n, frac, 7, lo, hi), whole[lo:hi]), (lo, hi)
+    assert np.array_equal(S.random_val_mask(n, frac, 7), whole)
+    if m:
+        assert not np.array_equal(S.random_val_mask(n, frac, 8), whole)
+    with pytest.raises(ValueError, match="outside"):
+        S.random_val_mask(n, frac, 7, 5, n + 1)
 
-    runs = 1000 * comb(n, m)
-    seen = {c: 0 for c in combinations(range(n), m)}
-    rng = np.random.default_rng(n * 10 + m)
-    for _ in range(runs):
-        v = _exact_size_sample(n, m, rng)
-        seen[tuple(np.flatnonzero(v).tolist())] += 1  # KeyError if the size were wrong
-    df = len(seen) - 1
-    expect = runs / len(seen)
-    chi2 = sum((c - expect) ** 2 / expect for c in seen.values())
-    assert chi2 <= df + 6 * (2 * df) ** 0.5 + 1, (chi2, df)
 
+def test_large_split_holds_out_each_rating_with_its_share(monkeypatch):
+    """Within a chunk every position is equally likely (chi-square over seeds)."""
+    import svdfill.data.split as S
 
-def test_large_split_sample_marginals_on_both_correction_sides():
-    """n = 64, m = 3: the Bernoulli draw overshoots or undershoots; the surplus comes off the
-    sparse side (listed) or goes onto the dense side (rejection draws). Either way each
-    index is held out with probability m/n."""
-    from svdfill.data.split import _exact_size_sample
-
-    n, m, runs = 64, 3, 8000
+    monkeypatch.setattr(S, "LARGE_SPLIT", 10)
+    monkeypatch.setattr(S, "SPLIT_CHUNK", 64)
+    n, frac, runs = 128, 3 / 64, 4000
     hits = np.zeros(n)
-    rng = np.random.default_rng(0)
-    for _ in range(runs):
-        v = _exact_size_sample(n, m, rng)
-        assert int(v.sum()) == m
-        hits += v
-    expect = runs * m / n
+    for seed in range(runs):
+        hits += S.random_val_mask(n, frac, seed)
+    expect = runs * 3 / 64
     chi2 = float(((hits - expect) ** 2 / expect).sum())
-    assert chi2 <= 63 + 6 * (2 * 63) ** 0.5, chi2
+    assert chi2 <= 127 + 6 * (2 * 127) ** 0.5, chi2
+
+
+def test_small_split_ranges_are_slices_of_the_permutation_split():
+    from svdfill.data.split import random_val_mask
+
+    whole = random_val_mask(1000, 0.1, 3)
+    assert np.array_equal(random_val_mask(1000, 0.1, 3, 250, 600), whole[250:600])
 
 
 def test_large_data_split_keeps_the_contract(monkeypatch):
