@@ -11,7 +11,8 @@ would make every rank read, parse and hold the whole dataset; here instead:
    and merged, so every rank holds the map one process would build from the whole file;
 3. the hold-out split is a function of a rating's position in the dataset
    (:func:`svdfill.data.split.random_val_mask`), so each rank splits its rows exactly as
-   one process splits the whole;
+   one process splits the whole, drawing only its own range (above 2^24 ratings; memory of
+   its rows, not of the dataset);
 4. items are cut into the trainer's shards from the all-reduced per-item training counts
    (the same cut as before), and one all-to-all sends every rating to the rank that owns
    its item. Received in rank order, a rank's ratings keep the dataset's order: the trainer
