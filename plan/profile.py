@@ -115,9 +115,10 @@ def h100_profile() -> DeviceProfile:
                          memory_bytes=79 * GiB, cores=0, sgd_rate=1.6e9)
 
 
-CPU_SGD_RATE = 3e7
-"""The CPU default of :attr:`DeviceProfile.sgd_rate` (one thread; 2.9e7 measured on the
-2-core AVX-512 development VM: a 1024-rating step at d = 32 in about 1.1 ms)."""
+CPU_SGD_RATE = 1e8
+"""The CPU default of :attr:`DeviceProfile.sgd_rate` (one thread): ``svdfill plan
+--calibrate`` measured 0.93–1.04e8 on the 2-core AVX-512 development VM (three runs,
+2026-12-06), a 1024-rating step at d = 64 in about 0.67 ms, its gathers included."""
 
 
 def _machine_ram() -> float:
