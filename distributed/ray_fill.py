@@ -92,17 +92,17 @@ class ShardActor:
                 pending[b] = [a.topk.remote(rows) for a in others]
 
         def table_of(b: int):
+            rows = plan.rows_of(b)
+            if not others:  # every item is here
+                s, i = self.shard.topk(rows)
+                return plan.table(rows, s.cpu(), i.cpu())
             request(b)
             for stale in [x for x in pending if x < b]:
                 del pending[stale]
             for nxt in range(b + 1, b + depth):
                 if nxt < plan.n_blocks:
                     request(nxt)
-            rows = plan.rows_of(b)
             s, i = self.shard.topk(rows)
-            if not others:
-                pending.pop(b, None)
-                return plan.table(rows, s.cpu(), i.cpu())
             lists = [(s.cpu(), i.cpu())] + [(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))
                                             for x, y in ray.get(pending.pop(b))]
             return plan.table(rows, *merge_topk(lists, self.k))

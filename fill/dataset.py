@@ -86,11 +86,13 @@ class BlockExchange(Protocol):
     ``topk(rows, owner) -> (scores float32 [B, k], items int64 [B, k]) | None``: a
     collective every rank calls for every block in the same order: this rank's shard top-k
     of users ``rows`` (int64 [B]) sent to rank ``owner``, which gets the merged lists (the
-    others get None).
+    others get None). ``local`` (set by ``start``): every rank holds every item, so a rank
+    computes only its own blocks and ``topk`` is asked of their owner alone, no collective.
     """
 
     rank: int
     size: int
+    local: bool
 
     def start(self, state: dict, seen, *, k: int, device, dtype: str | None,
               memory_budget: int | None) -> None: ...
@@ -265,7 +267,7 @@ def export_dataset(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, s
     # the blocks still to compute, in order: each part's from its first unfinished one
     todo = [b for p in range(W) for b in range(part_blocks(p, W, n_blocks)[0] + done_all[p],
                                                part_blocks(p, W, n_blocks)[1])]
-    if exchange is not None and getattr(exchange, "local", False):
+    if exchange is not None and exchange.local:
         todo = [b for b in todo if lo <= b < hi]  # replicated items: no other rank needs us
 
     remote = None if (full or sharded is None) else sharded.blocks(plan.rows_of, n_blocks)

@@ -76,6 +76,17 @@ def _model_sha256(mdir: Path, saved, rank: int, size: int, all_gather) -> str:
     return h.hexdigest()
 
 
+def check_out(out: str) -> None:
+    """A grid fill writes a local dataset folder (``--out DIR/``), one part per rank: a
+    single file would need one writer holding every user's lists. Raises UserError."""
+    from svdfill.fill.dataset import is_dataset_path
+    from svdfill.launch.errors import UserError
+
+    if not is_dataset_path(out) or "://" in str(out):
+        raise UserError(f"--out {out}: a grid model fills into a local dataset folder (give "
+                        f"--out DIR/): each rank writes its own users' part")
+
+
 def _apply_filters(args, idmap, tables: dict, seen, layout, rank: int):
     """``--items-allow`` / ``--items-deny`` / ``--exclude`` on this rank's blocks; returns
     ``(seen, provenance)``. Every rank reads the files (their errors are the same on every
@@ -85,7 +96,7 @@ def _apply_filters(args, idmap, tables: dict, seen, layout, rank: int):
     join its seen CSR (global item ids)."""
     import torch
 
-    from svdfill.fill.filters import allowed_items, csr_from_rows, merge_exclusions
+    from svdfill.fill.filters import allowed_items, merge_exclusions
     from svdfill.launch import cmd_fill
     from svdfill.launch.errors import UserError
 
@@ -106,11 +117,7 @@ def _apply_filters(args, idmap, tables: dict, seen, layout, rank: int):
     if "exclude" in filters:
         users, items = (torch.as_tensor(x, dtype=torch.int64) for x in filters["exclude"])
         mine = (users >= u_lo) & (users < u_hi)
-        n_rows = int(u_hi) - int(u_lo)
-        if seen is None:
-            seen = csr_from_rows(users[mine] - u_lo, items[mine], n_rows, n_items)
-        else:
-            seen = merge_exclusions(seen, users[mine] - u_lo, items[mine], n_rows, n_items)
+        seen = merge_exclusions(seen, users[mine] - u_lo, items[mine], int(u_hi) - int(u_lo), n_items)
     return seen, prov
 
 
@@ -122,7 +129,7 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
     from svdfill.distributed.grid_checkpoint import load_grid_block, read_layout
     from svdfill.distributed.ring import Ring
     from svdfill.distributed.world import World
-    from svdfill.fill.dataset import export_grid_dataset, is_dataset_path
+    from svdfill.fill.dataset import export_grid_dataset
     from svdfill.fill.export import RANK_MAX
     from svdfill.kernels.fill import device_dtype
     from svdfill.launch.cmd_fill import resolve_device, warn
@@ -134,9 +141,7 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
                       (getattr(args, "foldin", None), "--foldin")):
         if opt:
             raise UserError(f"{name} is not supported on a grid model ({mdir}) yet")
-    if not is_dataset_path(args.out) or "://" in str(args.out):
-        raise UserError(f"--out {args.out}: a grid model fills into a local dataset folder (give "
-                        f"--out DIR/): each rank writes its own users' part")
+    check_out(args.out)
     rec = read_layout(mdir)
     saved = rec["layout"]
     n_users, n_items = saved.n_users, saved.n_items

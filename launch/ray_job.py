@@ -216,12 +216,11 @@ def fill_grid_on_ray(args: argparse.Namespace, grid: Path) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from svdfill.distributed.grid_checkpoint import read_layout
-    from svdfill.fill.dataset import is_dataset_path, read_manifest
+    from svdfill.fill.dataset import read_manifest
+    from svdfill.launch import fill_grid
     from svdfill.launch.errors import UserError
 
-    if not is_dataset_path(args.out) or "://" in str(args.out):
-        raise UserError(f"--out {args.out}: a grid model fills into a local dataset folder (give "
-                        f"--out DIR/): each worker writes its own users' part")
+    fill_grid.check_out(args.out)  # before Ray starts anything
     rec = read_layout(grid)
     dist_cfg = (rec.get("config") or {}).get("dist", {})
     workers = int(args.num_actors or dist_cfg.get("num_workers") or rec["layout"].world_size)

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
-from svdfill.kernels.threads import SMALL_STEP_RATINGS, small_step_threads
+from svdfill.kernels.threads import small_step_threads
 from svdfill.train.shard import phase_seed
 from svdfill.train.solver import Solver
 
@@ -50,8 +50,8 @@ class MinibatchSolver(Solver):
         self.begin_epoch(lr)
         bar = progress_bar(steps, f"{phase} epoch {epoch}", progress)
         mu = float(self.model.global_mean)  # once per epoch: on CUDA each float() is a sync
-        small = self.small_steps_one_thread and steps > 0 and n / steps <= SMALL_STEP_RATINGS
-        with small_step_threads(dev, math.ceil(n / steps)) if small else nullcontext():
+        one = self.small_steps_one_thread  # small steps on one CPU thread
+        with small_step_threads(dev, math.ceil(n / steps)) if one else nullcontext():
             for s in range(steps):
                 idx = perm[bounds[s]:bounds[s + 1]]
                 self.step(d.users[idx], d.items[idx], d.ratings[idx], lr=lr, mu=mu, denom=denom)
