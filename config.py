@@ -207,7 +207,7 @@ class DistConfig:
     threads_per_worker: int = 0
     """Torch intra-op threads of each Ray Train worker; 0 = the node's cores shared among its workers (Ray alone would give each 1)."""
     layout: str = "items"
-    """items (each rank owns an item shard, every rank the whole user table) | grid (each rank owns one block of users and one of items, and only their ratings; solvers als, gibbs and sgd with optimizer sgd (DSGD); no refit)."""
+    """items (each rank owns an item shard, every rank the whole user table) | grid (each rank owns one block of users and one of items, and only their ratings; solvers als, gibbs and sgd with optimizer sgd or adagrad (DSGD; Adagrad's per-row sums travel with the item blocks and it needs train.weight_decay = 0))."""
 
 
 @dataclass
@@ -472,9 +472,13 @@ def validate(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.kernel = 'fused' has kernels for solver 'sgd' with "
                           f"optimizer 'sgd', 'sparse_adam' or 'adagrad', not {what}; use "
                           "kernel = 'torch'")
-    if cfg.dist.layout == "grid" and t.refit:
-        raise ConfigError(f"{where}: dist.layout = 'grid' does not refit yet; set train.refit = "
-                          "false or use layout 'items'")
+    if cfg.dist.layout == "grid" and t.solver == "sgd" and t.optimizer not in ("sgd", "adagrad"):
+        raise ConfigError(f"{where}: dist.layout = 'grid' trains solver 'sgd' with optimizer "
+                          f"'sgd' or 'adagrad' (DSGD), not {t.optimizer!r}: Adam's step counts do "
+                          "not decompose into DSGD's blocks; use layout 'items'")
+    if cfg.dist.layout == "grid" and t.optimizer == "adagrad" and t.weight_decay > 0:
+        raise ConfigError(f"{where}: dist.layout = 'grid' with optimizer 'adagrad' needs "
+                          "train.weight_decay = 0 (reg_factors / reg_bias regularize per rating)")
     if t.kernel == "fused" and t.optimizer == "adagrad" and t.weight_decay > 0:
         # torch's Adagrad decays every row every step; the fused step moves touched rows only
         raise ConfigError(f"{where}: train.kernel = 'fused' with optimizer 'adagrad' needs "

@@ -328,13 +328,22 @@ def export_dataset(state: dict, idmap: Any, out: str | os.PathLike, *, k: int, s
             "user_block": plan.block}
 
 
-def grid_block_counts(user_bounds, block: int) -> list[int]:
-    """Blocks of each grid part: ``ceil((u_hi − u_lo) / block)`` (0 for an empty user block)."""
-    return [-(-(int(hi) - int(lo)) // block) for lo, hi in user_bounds]
+def grid_block_counts(user_bounds, block: int, users: Tensor | None = None) -> list[int]:
+    """Blocks of each grid part: ``ceil(n_r / block)`` where ``n_r`` is the number of users
+    of user block r (``u_hi − u_lo``), or with ``users`` (contiguous ids, int64) the number
+    of them in it; 0 for a part with none."""
+    return [-(-n // block) for n in grid_part_sizes(user_bounds, users)]
+
+
+def grid_part_sizes(user_bounds, users: Tensor | None = None) -> list[int]:
+    """Users each grid part writes: its whole user block, or those of ``users`` in it."""
+    if users is None:
+        return [int(hi) - int(lo) for lo, hi in user_bounds]
+    return [int(((users >= int(lo)) & (users < int(hi))).sum()) for lo, hi in user_bounds]
 
 
 def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, layout, rank: int,
-                        ring, all_gather, k: int, seen=None, device=None,
+                        ring, all_gather, k: int, seen=None, users=None, device=None,
                         dtype: str | None = None, memory_budget: int | None = None,
                         user_block: int | None = None, restart: bool = False,
                         quiet: bool = False, provenance: dict | None = None) -> dict:
@@ -348,13 +357,22 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
     ``user_bounds``, ``item_bounds`` (a ``distributed.grid.GridLayout``). ring: a
     ``distributed.ring.Ring`` of the same ranks. all_gather: ``obj -> [obj of rank 0, …]``
     over the ranks. seen: CSR ``(indptr [U_r+1], indices)`` of GLOBAL item ids per local
-    user row, or None. The other arguments as for :func:`export_dataset`.
+    user row, or None. users: contiguous user ids (int64 numpy or tensor, no duplicates), the
+    same on every rank (``--users``), or None for every user: each part then holds only
+    the listed users of its user block, in list order (the parts in rank order: the
+    one-process ``--users`` fill's rows, grouped by user block), and only they are scored
+    (their rows of the user tables and seen CSR are taken before the ring runs); a part
+    with none is an empty file, and its rank still takes part in the ring. The list's hash
+    (``svdfill.users_sha256``, as in the one-process fill) keys the resume, so a rerun
+    with another list is refused (``--restart``) rather than mixed into a killed run's
+    parts. The other arguments as for :func:`export_dataset`.
 
     Resume: each part resumes at its first unfinished block; the ring then scores only the
     users of the unfinished blocks (every rank still takes part, with no users when its part
     is finished), and is skipped when every part is. Memory: the running top-k of the users
     still to write, ``12·k`` bytes per user.
     """
+    import numpy as np
     from tqdm import tqdm
 
     import svdfill
@@ -362,6 +380,7 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
     from svdfill.fill.export import RANK_MAX, default_user_block
     from svdfill.fill.grid_fill import grid_topk
     from svdfill.kernels.fill import DEFAULT_CPU_BUDGET
+    from svdfill.kernels.topk import csr_slice, csr_take
 
     t0 = time.perf_counter()
     shown = os.fspath(out)
@@ -376,7 +395,15 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
     device = torch.device(device or "cpu")
     budget = memory_budget or (DEFAULT_CPU_BUDGET if device.type == "cpu" else None)
     block = user_block or default_user_block(n_items, k, False, budget or 0)
-    counts = grid_block_counts(user_bounds, block)
+    sel = None if users is None else torch.as_tensor(np.asarray(users, dtype=np.int64))
+    n_sel = n_users if sel is None else int(sel.numel())
+    if sel is not None and n_sel and not (0 <= int(sel.min()) and int(sel.max()) < n_users):
+        raise ValueError(f"users: contiguous ids outside 0..{n_users - 1}")
+    # this part's users (contiguous ids, list order): its user block, or the listed ones in it
+    mine = (torch.arange(u_lo, u_hi, dtype=torch.int64) if sel is None
+            else sel[(sel >= u_lo) & (sel < u_hi)])
+    n_mine = int(mine.numel())
+    counts = grid_block_counts(user_bounds, block, sel)
     first = sum(counts[:rank])
     n_blocks = sum(counts)
     bounds_sha = hashlib.sha256(json.dumps([user_bounds, item_bounds]).encode()).hexdigest()
@@ -384,17 +411,19 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
         "svdfill.version": svdfill.__version__, "svdfill.mode": "topk", "svdfill.k": str(k),
         "svdfill.exclude_seen": "true" if seen is not None else "false",
         "svdfill.user_block": str(block), "svdfill.dtype": dtype or "float32",
-        "svdfill.n_users": str(n_users), "svdfill.n_items": str(n_items),
+        "svdfill.n_users": str(n_sel), "svdfill.n_items": str(n_items),
         "svdfill.layout": "grid", "svdfill.grid_bounds_sha256": bounds_sha,
     }
     meta.update({f"svdfill.{key}": str(v) for key, v in (provenance or {}).items()})
+    if sel is not None:  # the list's identity, as plan_fill records it: keys the resume
+        meta["svdfill.users_sha256"] = hashlib.sha256(sel.numpy().tobytes()).hexdigest()
     name = part_name(rank)
     part_meta = dict(meta, **{"svdfill.part": str(rank), "svdfill.parts": str(W),
                               "svdfill.blocks": f"{first}:{first + counts[rank]}",
                               "svdfill.users": f"{u_lo}:{u_hi}"})
     schema = topk_schema(idmap, meta).with_metadata(part_meta)
     params = dict(part_meta, device=device.type, memory_budget=budget or 0)
-    plan = FillPlan(schema=schema, meta=meta, block=block, n_blocks=n_blocks, n_sel=n_users,
+    plan = FillPlan(schema=schema, meta=meta, block=block, n_blocks=n_blocks, n_sel=n_sel,
                     n_items=n_items, k=k, user_ids=RawIds(idmap.user_ids),
                     item_ids=RawIds(idmap.item_ids))
 
@@ -430,16 +459,20 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
 
     sent0 = ring.bytes_sent
     scores = items = None
-    row0 = u_lo + min(done * block, u_hi - u_lo)  # the first user still to write
+    row0 = min(done * block, n_mine)  # position in ``mine`` of the first user still to write
     if any(d < c for d, c in zip(done_all, counts)):
         dev = device
-        P = tables["user_factors"][row0 - u_lo:].to(dev, torch.float32)
-        bu = tables["user_bias"][row0 - u_lo:].to(dev, torch.float32)
-        sub = None
-        if seen is not None:
-            from svdfill.kernels.topk import csr_slice
-
-            sub = csr_slice(seen[0].to(torch.int64), seen[1], row0 - u_lo, u_hi - u_lo)
+        if sel is None:  # the whole block from row0: slices, no copy of the rows
+            P = tables["user_factors"][row0:]
+            bu = tables["user_bias"][row0:]
+            sub = None if seen is None else csr_slice(seen[0].to(torch.int64), seen[1],
+                                                      row0, u_hi - u_lo)
+        else:  # only the listed users still to write: nobody else is scored
+            local = mine[row0:] - u_lo
+            P = tables["user_factors"].index_select(0, local.to(tables["user_factors"].device))
+            bu = tables["user_bias"].index_select(0, local.to(tables["user_bias"].device))
+            sub = None if seen is None else csr_take(seen[0].to(torch.int64), seen[1], local)
+        P, bu = P.to(dev, torch.float32), bu.to(dev, torch.float32)
         scores, items = grid_topk(P, bu, tables["item_factors"].to(dev, torch.float32),
                                   tables["item_bias"].to(dev, torch.float32), item_bounds[rank][0],
                                   item_bounds, float(tables["global_mean"]), k, sub, ring,
@@ -455,9 +488,8 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
         if writer is not None:
             writer.open(on_replayed=lambda j: bar.update(1))
             for b in range(done, counts[rank]):
-                a, z = u_lo + b * block, min(u_lo + (b + 1) * block, u_hi)
-                rows = torch.arange(a, z, dtype=torch.int64)
-                table = plan.table(rows, scores[a - row0:z - row0], items[a - row0:z - row0])
+                a, z = b * block, min((b + 1) * block, n_mine)
+                table = plan.table(mine[a:z], scores[a - row0:z - row0], items[a - row0:z - row0])
                 sink.put(b, table)
                 rows_written += table.num_rows
             sink.drain()
@@ -488,6 +520,6 @@ def export_grid_dataset(tables: dict, idmap: Any, out: str | os.PathLike, *, lay
                 p.unlink()
         _write_manifest(out, plan, infos)
     return {"path": shown, "parts": W, "blocks": n_blocks, "resumed_blocks": sum(done_all),
-            "users": n_users, "rows_computed": rows_written,
+            "users": n_sel, "rows_computed": rows_written,
             "seconds": time.perf_counter() - t0, "user_block": block,
             "ring_bytes_sent": ring.bytes_sent - sent0}

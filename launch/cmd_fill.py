@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, launcher: bool = True) -> 
                         help="items per user (default: the run's fill.k); clamped to the number of items")
     parser.add_argument("--users", metavar="FILE", default=None,
                         help="only these users: a text file with one raw user id per line "
-                             "('#' comments and blank lines skipped); output in file order")
+                             "('#' comments and blank lines skipped); output in file order (on a "
+                             "grid run: each rank's part holds its user block's listed users, in "
+                             "file order)")
     parser.add_argument("--items-allow", metavar="FILE", default=None,
                         help="only recommend these items: one raw item id per line ('#' comments)")
     parser.add_argument("--items-deny", metavar="FILE", default=None,

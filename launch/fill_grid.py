@@ -7,7 +7,17 @@ the fill runs at another W), the item blocks visit every rank around a ring
 (:func:`svdfill.fill.grid_fill.grid_topk`) and each rank writes its own users' part of the
 dataset (:func:`svdfill.fill.dataset.export_grid_dataset`): ``--out DIR/`` only, since a
 single file would need one writer holding every user's lists. Item filters apply on each
-rank's blocks (:func:`_apply_filters`). Called by
+rank's blocks (:func:`_apply_filters`).
+
+``--users FILE``: every rank reads the list (:func:`svdfill.launch.cmd_fill.read_user_list`:
+the same checks, errors and duplicate rule as any fill, so every rank stops alike on a bad
+file) and keeps the listed users of its own user block; only their rows are scored around
+the ring and its part holds only them, in list order. The dataset read back is the
+one-process ``--users`` fill's rows grouped by user block (parts in rank order; at W = 1,
+or for a list that names the blocks' users block by block, the list order itself). A rank
+with none of the listed users still passes the item blocks on and writes an empty part.
+The list's hash keys the resume, as for any fill: a killed run is resumed only with the
+same list. ``--full`` and ``--foldin`` are refused on a grid model. Called by
 :func:`svdfill.launch.cmd_fill.main` (one process) and by every torchrun rank
 (:mod:`svdfill.launch.torchrun_fill`).
 """
@@ -137,8 +147,7 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
 
     world = world or World()
     rank, W = world.rank, world.world_size
-    for opt, name in ((args.full, "--full"), (args.users, "--users"),
-                      (getattr(args, "foldin", None), "--foldin")):
+    for opt, name in ((args.full, "--full"), (getattr(args, "foldin", None), "--foldin")):
         if opt:
             raise UserError(f"{name} is not supported on a grid model ({mdir}) yet")
     check_out(args.out)
@@ -171,6 +180,17 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
     tables["global_mean"] = float(rec["global_mean"])
     seen = load_grid_seen(mdir, saved, u_lo, u_hi) if exclude else None
     idmap = IdMap.from_state(torch.load(mdir / rec.get("idmap", "idmap.pt"), weights_only=True))
+    users = None
+    if args.users:
+        # every rank reads the list: a bad one raises the same UserError on every rank, before
+        # any collective; its warnings (duplicates) are printed once, by rank 0
+        import contextlib
+        import io
+
+        from svdfill.launch.cmd_fill import read_user_list
+
+        with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+            users = read_user_list(args.users, idmap)
 
     if W > 1:
         import torch.distributed as dist
@@ -187,7 +207,7 @@ def main(args: argparse.Namespace, mdir: Path, world=None) -> int:
     prov.update(fprov)
     ring = Ring(world)
     summary = export_grid_dataset(tables, idmap, args.out, layout=layout, rank=rank, ring=ring,
-                                  all_gather=all_gather, k=k, seen=seen, device=device,
+                                  all_gather=all_gather, k=k, seen=seen, users=users, device=device,
                                   dtype=dtype, memory_budget=budget_mb * 2**20 if budget_mb else None,
                                   user_block=block, restart=args.restart,
                                   quiet=args.quiet or rank != 0, provenance=prov)

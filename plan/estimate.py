@@ -31,9 +31,14 @@ factors and the bias; U users, I items, R ratings, W ranks):
   live elsewhere (ids are permuted, so ownership is independent of popularity); by
   symmetry each rank sends what it receives. The sweep is both halves.
 - DSGD epoch (:mod:`svdfill.distributed.dsgd`): ``W`` shifts of the item block held (Q rows,
-  b_i, and the item optimizer state, ``m`` moments per parameter): every item block passes
-  through every rank once, ``I · k · (1 + m) · 4`` bytes per rank (the ring's
-  ``bytes_sent``; plus ``8`` bytes per tensor dimension of shape header per shift).
+  b_i, and the item optimizer state, ``m`` moments per parameter: 0 for Funk SGD, 1 for
+  Adagrad, whose per-row sums travel with their rows): every item block passes through
+  every rank once, ``I · k · (1 + m) · 4`` bytes per rank (the ring's ``bytes_sent``; plus
+  ``8`` bytes per tensor dimension of shape header per shift). DSGD's Adagrad runs as
+  row-sparse steps (:func:`~svdfill.distributed.dsgd.dsgd_adagrad_epoch`): per rank the sums
+  of its user block and of the item block it holds (``(U/W + I/W) · k · 4``), their
+  gradient scratch and marks; no all-reduce. The grid does not run adam / sparse_adam
+  (a note says so; the figures are then Adagrad-like).
 - Fill (:mod:`svdfill.fill.grid_fill`): ``W − 1`` shifts of the item blocks,
   ``(W − 1)/W · I · k · 4`` bytes per rank on average.
 
@@ -280,9 +285,21 @@ def _sync_floats_per_step(p: Problem) -> float:
     return U * (d + 2) if path == "rowsparse" else U * (d + 1)
 
 
-def _optimizer_memory(rows: float, k: int, optimizer: str) -> dict[str, float]:
+def _grid_sgd_path(optimizer: str) -> str:
+    """How DSGD (:class:`svdfill.train.dsgd.DSGDSolver`) runs ``optimizer``: ``funk`` (sgd)
+    or ``rowsparse`` (adagrad: accumulate + apply on the block's rows, fused or torch).
+    adam / sparse_adam are refused there (UserError); the planner prices them as rowsparse."""
+    return "funk" if optimizer == "sgd" else "rowsparse"
+
+
+GRID_OPTIMIZERS = ("sgd", "adagrad")
+"""The ``train.optimizer`` values the grid layout's DSGD runs."""
+
+
+def _optimizer_memory(rows: float, k: int, optimizer: str, path: str | None = None
+                      ) -> dict[str, float]:
     m = MOMENTS[optimizer]
-    path = _sgd_path(optimizer)
+    path = path or _sgd_path(optimizer)
     out = {"optimizer state": rows * k * 4 * m}
     if path == "rowsparse":
         out["gradient sums"] = rows * (k * 4 + 4)
@@ -492,20 +509,24 @@ def grid_estimate(p: Problem, profile: DeviceProfile) -> Estimate:
         # train-metrics sample (the blocks again, up to metrics_sample ratings in all)
         mem["ratings, item-block buckets"] = n * 20.0
         mem["ratings, metrics sample"] = min(n, p.metrics_sample / W) * 20.0
-        mem.update(_optimizer_memory(U_loc + I_loc, k, p.optimizer))
+        # the user block's optimizer state and the held item block's (the visiting one
+        # replaces the own one in the ring); row-sparse scratch of both (gradient sums, marks)
+        path = _grid_sgd_path(p.optimizer)
+        mem.update(_optimizer_memory(U_loc + I_loc, k, p.optimizer, path))
         mem["shift buffer"] = I_loc * k * 4.0 * (1 + MOMENTS[p.optimizer])
         mem["epoch order"] = n * 8.0 / W  # one block's int64 permutation at a time
         sent = (p.n_items * k * 4.0 * (1 + MOMENTS[p.optimizer])) if W > 1 else 0.0
         colls = 2 * W if W > 1 else 0  # a header and a payload exchange per shift
         steps = W * max(1, _ceil_div(n / W, p.batch_size))
-        t = _sgd_local(p, profile, n, steps)
-        if _sgd_path(p.optimizer) == "autograd":
-            s = profile.share(W)
-            t["memory"] += steps * (U_loc + I_loc) * k * 4.0 * (3 + 2 * MOMENTS[p.optimizer]) / (
-                profile.copy_bw * s)
+        t = _sgd_local(p, profile, n, steps)  # row-sparse: no dense step over the tables
         t["network"] = _net_time(profile, W, sent, colls)
         t = _total(t)
-        notes.append("grid + sgd = DSGD (Gemulla et al. 2011): W sub-epochs, item blocks shift")
+        notes.append("grid + sgd = DSGD (Gemulla et al. 2011): W sub-epochs, item blocks shift"
+                     + (" with their Adagrad sums" if p.optimizer == "adagrad" else ""))
+        if p.optimizer not in GRID_OPTIMIZERS:
+            notes.append(f"the grid's DSGD runs optimizer {' or '.join(GRID_OPTIMIZERS)}, not "
+                         f"{p.optimizer} (Adam's step counts do not decompose into blocks); "
+                         "priced as a row-sparse step with its moments")
     fill_sent = (W - 1) / W * p.n_items * k * 4.0
     ft = _fill_compute(p, profile, U_loc, p.n_items)
     ft["network"] = _net_time(profile, W, fill_sent, 2 * (W - 1))

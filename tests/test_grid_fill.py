@@ -200,3 +200,155 @@ def test_item_filters_on_a_grid_run_equal_the_one_process_filtered_fill(tmp_path
     with pytest.raises(UserError, match="no item to fill"):
         cmd_fill.main(parse(*common, "--items-allow", str(tmp_path / "none.txt"),
                             "--items-deny", str(tmp_path / "none.txt"), "--out", f"{tmp_path / 'x'}/"))
+
+
+# ------------------------------------------------------------------ --users on a grid run
+# Each rank keeps the listed users of its user block (list order) and scores only them: the
+# dataset is the one-process `--users` fill's rows, grouped by user block (at W = 1: as is).
+
+def _users_file(path, idmap, users):
+    path.write_text("# listed users\n" + "".join(f"{idmap.user_ids[u]}\n" for u in users))
+    return path
+
+
+def _users_reference(tmp_path, st, seen, idmap, users_file, name):
+    """The ordinary one-process `--users` export of the same model (export_fill, which
+    `svdfill fill --users` runs on a one-table model)."""
+    import pyarrow.parquet as pq
+
+    from svdfill.fill.export import export_fill
+    from svdfill.launch.cmd_fill import read_user_list
+
+    sel = read_user_list(users_file, idmap)
+    export_fill(st, idmap, tmp_path / f"{name}.parquet", k=6, seen=seen, users=sel,
+                user_block=2, quiet=True)
+    return pq.read_table(tmp_path / f"{name}.parquet"), sel
+
+
+def _by_block(table, idmap, bounds):
+    """``table``'s rows stably regrouped by the user block of their user."""
+    import numpy as np
+
+    raw = table.column("user_id").to_numpy()
+    block = np.searchsorted([hi for _, hi in bounds], idmap.encode_users(raw), side="right")
+    return table.take(np.argsort(block, kind="stable"))
+
+
+# users from every block of W = 1, 2, 3, list order ≠ id order, a duplicate, a user who has
+# seen every item (7: no rows) and one who has seen none (3)
+LISTED = [30, 3, 7, 20, 3, 12, 0, 36, 18]
+
+
+def test_users_on_a_grid_run_one_process(tmp_path, capsys, monkeypatch):
+    """W = 1 (the model saved at W = 3): the one-process `--users` export, row for row, with
+    the list's hash in the metadata; an unknown id is the ordinary fill's error; a killed
+    export is resumed only with the same list; --full and --foldin stay refused."""
+    import json
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from svdfill.data.export import ExportError, ResumableParquetWriter
+    from svdfill.launch import cmd_fill
+    from svdfill.launch.errors import UserError
+    from test_cli_fill import parse
+
+    run = tmp_path / "run"
+    st, seen, idmap = write_grid_model(run / "grid_model")
+    ufile = _users_file(tmp_path / "users.txt", idmap, LISTED)
+    ref, sel = _users_reference(tmp_path, st, seen, idmap, ufile, "one")
+    assert len(sel) == 8 and ref.num_rows > 0
+    common = ["--model", str(run), "--k", "6", "--user-block", "2", "--quiet"]
+    import svdfill.fill.grid_fill as gf
+
+    scored, real_topk = [], gf.grid_topk  # only the listed users (still to write) are scored
+    monkeypatch.setattr(gf, "grid_topk",
+                        lambda P, *a, **kw: scored.append(P.shape[0]) or real_topk(P, *a, **kw))
+    out = tmp_path / "w1"
+    assert cmd_fill.main(parse(*common, "--users", str(ufile), "--out", f"{out}/")) == 0
+    assert "1 duplicate user id(s) ignored" in capsys.readouterr().err
+    got = pads.dataset(out, format="parquet").to_table()
+    assert got.equals(ref)
+    md = pq.read_schema(out / "part-00000.parquet").metadata
+    one_md = pq.read_schema(tmp_path / "one.parquet").metadata
+    assert md[b"svdfill.users_sha256"] == one_md[b"svdfill.users_sha256"]
+    man = json.loads((out / "_manifest.json").read_text())
+    assert man["n_users"] == 8 and man["rows"] == ref.num_rows and man["n_blocks"] == 4
+
+    # an unknown id: the ordinary fill's error, word for word
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{idmap.user_ids[0]}\n2\n")  # raw user ids are 3u + 1
+    with pytest.raises(UserError) as ordinary:
+        cmd_fill.read_user_list(bad, idmap)
+    with pytest.raises(UserError) as grid:
+        cmd_fill.main(parse(*common, "--users", str(bad), "--out", f"{tmp_path / 'bad'}/"))
+    assert str(grid.value) == str(ordinary.value)
+    assert "1 user id(s) not in the model: 2 (line 2)" in str(grid.value)
+
+    # killed after block 0 (a write error at block 1): another list is refused, the same resumes
+    real = ResumableParquetWriter.write_block
+
+    def fail_at_1(self, b, table):
+        if b == 1:
+            raise OSError(28, "No space left on device")
+        real(self, b, table)
+
+    monkeypatch.setattr(ResumableParquetWriter, "write_block", fail_at_1)
+    res = tmp_path / "res"
+    with pytest.raises(ExportError, match="No space left"):
+        cmd_fill.main(parse(*common, "--users", str(ufile), "--out", f"{res}/"))
+    monkeypatch.setattr(ResumableParquetWriter, "write_block", real)
+    other = _users_file(tmp_path / "other.txt", idmap, [0, 3, 7, 12, 18, 20, 30, 36])
+    with pytest.raises(ExportError, match=r"different parameters.*svdfill\.users_sha256.*--restart"):
+        cmd_fill.main(parse(*common, "--users", str(other), "--out", f"{res}/"))
+    assert cmd_fill.main(parse(*common, "--users", str(ufile), "--out", f"{res}/")) == 0
+    assert scored == [8, 8, 6]  # the full list twice, then the 3 blocks still to write
+    assert pads.dataset(res, format="parquet").to_table().equals(ref)
+    # the finished dataset, asked for with another list: rewritten for that list, nothing mixed
+    assert cmd_fill.main(parse(*common, "--users", str(other), "--out", f"{res}/")) == 0
+    ref2, _ = _users_reference(tmp_path, st, seen, idmap, other, "other")
+    assert pads.dataset(res, format="parquet").to_table().equals(ref2)
+
+    for opt in (["--full"], ["--foldin", str(ufile)]):
+        with pytest.raises(UserError, match=f"{opt[0]} is not supported on a grid model"):
+            cmd_fill.main(parse(*common, *opt, "--out", f"{tmp_path / 'x'}/"))
+
+
+@pytest.mark.multiprocess
+def test_users_on_a_grid_run_under_torchrun(tmp_path):
+    """torchrun at W = 2 (re-blocking the W = 3 model): a list over both user blocks gives
+    the one-process `--users` export grouped by block, each part holding only its block's
+    listed users; a list entirely in rank 1's block leaves rank 0 an empty part."""
+    import json
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from svdfill.distributed.grid import grid_bounds
+    from test_torchrun import torchrun
+
+    run = tmp_path / "run"
+    st, seen, idmap = write_grid_model(run / "grid_model")
+    bounds = grid_bounds(U, 2)  # [(0, 18), (18, 37)]
+    common = ["--model", str(run), "--k", "6", "--user-block", "2", "--quiet"]
+    cases = {"both": LISTED, "one": [33, 19, 25, 19, 36]}
+    for name, listed in cases.items():
+        ufile = _users_file(tmp_path / f"{name}.txt", idmap, listed)
+        ref, sel = _users_reference(tmp_path, st, seen, idmap, ufile, name)
+        torchrun("svdfill.launch.torchrun_fill", *common, "--users", str(ufile),
+                 "--out", f"{tmp_path / name}-w2/", nproc=2)
+        out = tmp_path / f"{name}-w2"
+        got = pads.dataset(out, format="parquet").to_table()
+        assert got.num_rows == ref.num_rows > 0, name
+        assert got.equals(_by_block(ref, idmap, bounds)), name
+        for r, (lo, hi) in enumerate(bounds):
+            part = pq.read_table(out / f"part-{r:05d}.parquet")
+            users = idmap.encode_users(part.column("user_id").to_numpy())
+            assert ((users >= lo) & (users < hi)).all(), (name, r)
+        man = json.loads((out / "_manifest.json").read_text())
+        assert man["n_users"] == len(sel) and len(man["parts"]) == 2
+        if name == "both":
+            assert not got.equals(ref)  # the list interleaves the blocks: regrouped
+        if name == "one":
+            assert got.equals(ref)  # one block: the list order itself
+            assert [p["rows"] for p in sorted(man["parts"], key=lambda p: p["rank"])][0] == 0

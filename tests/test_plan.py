@@ -201,6 +201,29 @@ def test_grid_holds_a_wth_of_the_tables_and_moves_less():
     assert dsgd.sweep_bytes == 200_000 * k * 4 * 2  # Q rows, b_i and one Adagrad sum each
 
 
+def test_dsgd_adagrad_memory_is_the_blocks_state():
+    """Grid DSGD with Adagrad: the sums of the user block and of the held item block, their
+    row-sparse scratch (gradient sums + int32 marks), a shift buffer with the sums, no dense
+    autograd gradients; the ring's bytes are the model rows and their sums. adam is noted
+    as not run on the grid."""
+    U, I, d, W = 2_000_000, 200_000, 64, 16
+    k = d + 1
+    U_loc, I_loc = math.ceil(U / W), math.ceil(I / W)
+    sgd, ada = (estimate(Problem(U, I, 200_000_000, d, W, solver="sgd", optimizer=o),
+                         h100_profile(), "grid") for o in ("sgd", "adagrad"))
+    assert sgd.memory["optimizer state"] == 0 and "gradient sums" not in sgd.memory
+    assert ada.memory["optimizer state"] == (U_loc + I_loc) * k * 4
+    assert ada.memory["gradient sums"] == (U_loc + I_loc) * (k * 4 + 4)
+    assert "gradients" not in ada.memory
+    assert ada.memory["shift buffer"] == 2 * sgd.memory["shift buffer"] == 2 * I_loc * k * 4
+    assert ada.sweep_bytes == 2 * sgd.sweep_bytes == 2 * I * k * 4
+    assert ada.sweep_collectives == sgd.sweep_collectives == 2 * W
+    assert any("Adagrad sums" in n for n in ada.notes)
+    adam = estimate(Problem(U, I, 200_000_000, d, W, solver="sgd", optimizer="adam"),
+                    h100_profile(), "grid")
+    assert any("sgd or adagrad" in n for n in adam.notes)
+
+
 def test_fit_verdict_and_capacity():
     big = Problem(100_000_000, 10_000_000, 10_000_000_000, 128, 64)
     e = estimate(big, h100_profile(), "items")

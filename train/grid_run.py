@@ -76,7 +76,8 @@ def run_grid_training(cfg: Config, run_dir, *, world, resume: bool = False,
                                             resume=action == "resume", quiet=quiet, log=log)
         summary["ingest"] = ingest
         summary["split"] = cfg.data.split
-        save_grid_run_model(world, run_dir, shard, solver, idmap, cfg, summary)
+        # after a refit the solver's shard holds train ∪ val: its seen sets are every rated pair
+        save_grid_run_model(world, run_dir, solver.shard, solver, idmap, cfg, summary)
         if world.is_main:
             ck.save_jsonl(run_dir / ck.METRICS_FILE, history)
             ck.save_json(run_dir / ck.SUMMARY_FILE, summary)
