@@ -41,6 +41,20 @@ def local_device(requested: str | torch.device, local_rank: int) -> torch.device
     return dev
 
 
+def shared_gpu(requested: str | torch.device, local_world_size: int) -> str | None:
+    """Why the ``local_world_size`` ranks of this node would share a GPU (an explicit
+    ``cuda:N`` for all of them, or more ranks than GPUs), or None."""
+    dev = torch.device(requested)
+    if dev.type != "cuda" or local_world_size <= 1:
+        return None
+    if dev.index is not None:
+        return f"all {local_world_size} ranks of this node were given {dev}"
+    n = torch.cuda.device_count()
+    if local_world_size > n:
+        return f"{local_world_size} ranks on this node and {n} GPU(s)"
+    return None
+
+
 def launched_by_torchrun() -> bool:
     """True when every variable torchrun sets is present."""
     return all(v in os.environ for v in TORCHRUN_VARS)
@@ -59,6 +73,17 @@ def init_from_env(device: str | torch.device = "cpu", backend: str = "auto",
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = local_device(device, local_rank)
     be = resolve_backend(backend, dev)
+    why = shared_gpu(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if be == "nccl" and why is not None:
+        # NCCL fails at communicator init when two ranks of one group share a GPU
+        if backend == "nccl":
+            raise ValueError(f"backend nccl needs one GPU per rank: {why}; use backend gloo "
+                             "or one process per GPU")
+        import warnings
+
+        warnings.warn(f"{why}: NCCL needs one GPU per rank, so the ranks talk over gloo "
+                      "(tensors go through host memory)", RuntimeWarning, stacklevel=2)
+        be = "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if be == "nccl" else {}
         dist.init_process_group(be, init_method="env://",

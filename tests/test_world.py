@@ -283,3 +283,35 @@ def _nccl_checks(rank: int, world_size: int) -> None:
 def test_nccl_world(cuda):
     """nccl with one rank per GPU (2 when the machine has them, else 1)."""
     run_ranks(_nccl_checks, min(2, torch.cuda.device_count()), backend="nccl")
+
+
+@pytest.mark.parametrize("device,backend,want", [
+    ("cuda", "nccl", "one GPU per rank"), ("cuda:0", "nccl", "one GPU per rank"),
+    ("cuda", "auto", "gloo"), ("cuda:0", "auto", "gloo")])
+def test_ranks_sharing_a_gpu_do_not_reach_nccl(monkeypatch, device, backend, want):
+    """torchrun --nproc 2 on a one-GPU box (or --device cuda:0 for every rank): NCCL would
+    fail at communicator init, so nccl is refused and auto falls back to gloo (CUDA faked:
+    no group is created, init_process_group is recorded)."""
+    from svdfill.distributed import process_group as pg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(pg.dist, "is_initialized", lambda: False)
+    seen = []
+    monkeypatch.setattr(pg.dist, "init_process_group", lambda be, **k: seen.append((be, k)))
+    monkeypatch.setattr(pg.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(pg.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(pg.dist, "get_backend", lambda: seen[-1][0])
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, v)
+    if backend == "nccl":
+        with pytest.raises(ValueError, match=want):
+            pg.init_from_env(device, backend)
+        assert seen == []
+    else:
+        with pytest.warns(RuntimeWarning, match="one GPU per rank"):
+            got = pg.init_from_env(device, backend)
+        assert got[3] == "gloo" and seen[0][0] == "gloo" and "device_id" not in seen[0][1]
+    assert pg.shared_gpu("cuda", 1) is None and pg.shared_gpu("cpu", 4) is None
